@@ -1,0 +1,314 @@
+"""Real processes on loopback: `tunneld relay`, `tunneld run`, the demo upstream app.
+
+Everything binds port 0 and is found again through status or port files; every
+wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from tunneld.pki import (
+    generate_private_key,
+    issue_certificate,
+    make_ca,
+    write_certificate,
+    write_private_key,
+)
+
+PY = sys.executable
+RELAY_HOST = "relay.test"
+HOME_HOST = "home.test"
+FAST_RELAY = {
+    "client_hello_timeout": "3s",
+    "ping_interval": "1s",
+    "drain_timeout": "3s",
+}
+FAST_HOME = {
+    "connect_timeout": "3s",
+    "ping_interval": "1s",
+    "ping_timeout": "2s",
+    "backoff_initial": "0.2s",
+    "backoff_max": "1s",
+    "backoff_reset_after": "5s",
+    "blocked_retry": "2s",
+    "drain_timeout": "3s",
+}
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def tunneld(
+    *args: str, timeout: float = 30, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "tunneld", *args], capture_output=True, text=True, timeout=timeout, check=check
+    )
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+@dataclass
+class World:
+    """One relay, one daemon, one upstream app, their files in `root`."""
+
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+    relay_port: int = 0
+    app_port: int = 0
+    relay_overrides: dict[str, Any] = field(default_factory=dict)
+    home_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "run").mkdir(exist_ok=True)
+        ca_key, ca_pem = make_ca("tunneld test CA")
+        self.ca_file = self.root / "ca.pem"
+        write_certificate(ca_pem, self.ca_file)
+        key = generate_private_key()
+        write_private_key(key, self.root / "relay.key")
+        write_certificate(
+            issue_certificate(ca_key, ca_pem, key, [RELAY_HOST]), self.root / "relay.crt"
+        )
+        tunneld(
+            "keygen",
+            "--private-key",
+            str(self.root / "token.key"),
+            "--public-key",
+            str(self.root / "token.pub"),
+            check=True,
+        )
+        self.relay_config = self.root / "relay.toml"
+        self.home_config = self.root / "tunneld.toml"
+
+    # -- processes ---------------------------------------------------------------
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        log_path = self.root / f"{name}.log"
+        fh = open(log_path, "ab")  # noqa: SIM115 - owned by the process
+        popen = subprocess.Popen(
+            args,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        fh.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def write_relay_config(self, port: int = 0, **overrides: Any) -> None:
+        relay = {
+            "hostname": RELAY_HOST,
+            "listen": [f"127.0.0.1:{port}"],
+            "certificate": "relay.crt",
+            "private_key": "relay.key",
+            "token_public_key": "token.pub",
+            "token_private_key": "token.key",
+            "control_socket": str(self.root / "run" / "relay.sock"),
+            "log_level": "debug",
+            **FAST_RELAY,
+            **self.relay_overrides,
+            **overrides,
+        }
+        self.relay_config.write_text(tomli_w.dumps({"relay": relay}))
+
+    def start_relay(self, port: int = 0, **overrides: Any) -> Proc:
+        self.write_relay_config(port, **overrides)
+        proc = self.spawn("relay", [PY, "-m", "tunneld", "relay", "-c", str(self.relay_config)])
+        status = wait_for(lambda: self.status(self.relay_config, proc), what="relay status")
+        self.relay_port = int(status["listen"][0].rsplit(":", 1)[1])
+        self.relay = proc
+        return proc
+
+    def start_app(self) -> Proc:
+        port_file = self.root / "app.port"
+        port_file.unlink(missing_ok=True)
+        proc = self.spawn(
+            "app",
+            [
+                PY,
+                "-m",
+                "tunneld.demoapp",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+        )
+        wait_for(port_file.exists, what="app port file")
+        self.app_port = int(port_file.read_text().strip())
+        self.app = proc
+        return proc
+
+    def issue_token(self, *hostnames: str, ttl: str = "1d", extra: list[str] | None = None) -> str:
+        result = tunneld(
+            "token",
+            "issue",
+            "-c",
+            str(self.relay_config),
+            *[a for h in (hostnames or (HOME_HOST,)) for a in ("--hostname", h)],
+            "--ttl",
+            ttl,
+            *(extra or []),
+            check=True,
+        )
+        return result.stdout.strip()
+
+    def write_home_config(self, token: str | None = None, **sections: dict[str, Any]) -> None:
+        cfg: dict[str, dict[str, Any]] = {
+            "relay": {
+                "url": f"wss://{RELAY_HOST}:{self.relay_port}/v1/tunnel",
+                "token": token if token is not None else self.issue_token(),
+                "ca_file": str(self.ca_file),
+                "connect_to": "127.0.0.1",
+                **FAST_HOME,
+            },
+            "tls": {
+                "hostnames": [HOME_HOST],
+                "handshake_timeout": "3s",
+                "client_hello_timeout": "3s",
+            },
+            "acme": {"enabled": False},
+            "upstream": {"url": f"http://127.0.0.1:{self.app_port}", "connect_timeout": "2s"},
+            "watchdog": {},
+            "daemon": {
+                "state_directory": str(self.root / "state"),
+                "control_socket": str(self.root / "run" / "home.sock"),
+                "log_level": "debug",
+            },
+        }
+        for name, values in {**self.home_overrides, **sections}.items():
+            cfg.setdefault(name, {}).update(values)
+        self.home_config.write_text(tomli_w.dumps(cfg))
+
+    def start_home(
+        self, token: str | None = None, wait_connected: bool = True, **sections: dict[str, Any]
+    ) -> Proc:
+        self.write_home_config(token, **sections)
+        proc = self.spawn("home", [PY, "-m", "tunneld", "run", "-c", str(self.home_config)])
+        self.home = proc
+        if wait_connected:
+            wait_for(
+                lambda: (self.status(self.home_config, proc) or {}).get("state") == "connected",
+                what="home connected",
+            )
+        return proc
+
+    def start_all(self) -> None:
+        self.start_app()
+        self.start_relay()
+        self.start_home()
+
+    def status(self, config: Path, proc: Proc | None = None) -> dict[str, Any] | None:
+        if proc is not None and not proc.alive():
+            raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
+        result = tunneld("status", "-c", str(config), "--json", timeout=10)
+        if result.returncode == 3:
+            return None
+        try:
+            value = json.loads(result.stdout)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def home_status(self) -> dict[str, Any]:
+        status = self.status(self.home_config)
+        assert status is not None
+        return status
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    # -- clients -----------------------------------------------------------------
+    def home_cert(self) -> Path:
+        return self.root / "state" / "certificate.pem"
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.home_cert()))
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    def connect(
+        self, source: str = "127.0.0.1", sni: str = HOME_HOST, timeout: float = 10
+    ) -> ssl.SSLSocket:
+        raw = socket.create_connection(
+            ("127.0.0.1", self.relay_port), timeout=timeout, source_address=(source, 0)
+        )
+        return self.client_context().wrap_socket(raw, server_hostname=sni)
+
+    def http_get(self, path: str, source: str = "127.0.0.1", timeout: float = 30) -> bytes:
+        """One HTTP/1.0-style GET through the tunnel; returns the raw response."""
+        with self.connect(source, timeout=timeout) as conn:
+            conn.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {HOME_HOST}\r\nConnection: close\r\n\r\n".encode()
+            )
+            return b"".join(iter_recv(conn))
+
+
+def iter_recv(conn: socket.socket, size: int = 65536) -> Iterator[bytes]:
+    while True:
+        try:
+            data = conn.recv(size)
+        except ssl.SSLZeroReturnError:
+            return
+        if not data:
+            return
+        yield data
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body

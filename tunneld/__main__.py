@@ -1,0 +1,3 @@
+from tunneld.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The `tunneld` command: argparse only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tunneld import __version__
+from tunneld.errors import ControlError, NotRunningError, TunneldError
+
+DEFAULT_HOME_CONFIG = "/etc/tunneld/tunneld.toml"
+
+# `tunneld status` exit codes (DESIGN.md contract).
+EXIT_CONNECTED, EXIT_NOT_CONNECTED, EXIT_NOT_RUNNING = 0, 1, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunneld", description="Remote access for a home server, TLS end to end."
+    )
+    parser.add_argument("--version", action="version", version=f"tunneld {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the home daemon")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+
+    p = sub.add_parser("relay", help="run the relay")
+    p.add_argument("-c", "--config", required=True)
+
+    p = sub.add_parser("status", help="ask the running daemon or relay how it is")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("-c", "--config", required=True)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 token-signing key pair")
+    p.add_argument("--private-key", required=True, type=Path)
+    p.add_argument("--public-key", required=True, type=Path)
+
+    p = sub.add_parser("demo", help="relay + daemon + a small web app on loopback")
+    p.add_argument("--check", action="store_true", help="run the printed curl once and exit")
+    p.add_argument("--keep", action="store_true", help="keep the temporary files")
+    p.add_argument("--port", type=int, default=0, help="relay port (default: any free one)")
+
+    token = sub.add_parser("token", help="issue or inspect tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("issue", help="print a new token on stdout")
+    p.add_argument("-c", "--config", required=True, help="the relay config")
+    p.add_argument("--hostname", action="append", required=True, dest="hostnames")
+    p.add_argument("--ttl", default="90d", help='lifetime, e.g. "90d" (default)')
+    p.add_argument("--subject", default=None, help="instance name (default: first hostname)")
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="waive the relay's current blocked_versions (later blocks still apply)",
+    )
+    p = tsub.add_parser("inspect", help="show a token's claims (never its signature)")
+    p.add_argument("token", nargs="?", help="the token (default: read stdin)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except NotRunningError as exc:
+        print(f"tunneld: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except TunneldError as exc:
+        print(f"tunneld: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "run":
+        return _run(args.config)
+    if cmd == "relay":
+        return _relay(args.config)
+    if cmd == "status":
+        return _status(args.config, args.json)
+    if cmd == "check-config":
+        return _check_config(args.config)
+    if cmd == "keygen":
+        from tunneld.tokens import generate_keypair
+
+        generate_keypair(args.private_key, args.public_key)
+        print(f"wrote {args.private_key} (private, 0600) and {args.public_key} (public)")
+        return 0
+    if cmd == "demo":
+        from tunneld.demo import main as demo_main
+        from tunneld.logs import setup_logging
+
+        setup_logging("warning")
+        return demo_main(check=args.check, keep=args.keep, port=args.port)
+    if cmd == "token":
+        if args.token_command == "issue":
+            return _token_issue(args)
+        return _token_inspect(args.token)
+    raise AssertionError(cmd)
+
+
+def _run(path: str) -> int:
+    from tunneld.config import HomeConfig, load_config
+    from tunneld.errors import ConfigError
+    from tunneld.home.daemon import run_daemon
+    from tunneld.logs import setup_logging
+
+    config = load_config(path)
+    if not isinstance(config, HomeConfig):
+        raise ConfigError(f"{path}: this is a relay config; run it with `tunneld relay -c {path}`")
+    setup_logging(config.daemon.log_level)
+    return trio.run(run_daemon, config)
+
+
+def _relay(path: str) -> int:
+    from tunneld.config import RelayConfig, load_config
+    from tunneld.errors import ConfigError
+    from tunneld.logs import setup_logging
+    from tunneld.relay.server import run_relay
+
+    config = load_config(path)
+    if not isinstance(config, RelayConfig):
+        raise ConfigError(f"{path}: this is a home config; run it with `tunneld run -c {path}`")
+    setup_logging(config.relay.log_level)
+    try:
+        return trio.run(run_relay, config)
+    except OSError as exc:
+        raise ConfigError(f"{path}: [relay] listen: cannot listen: {exc.strerror or exc}") from None
+
+
+def _status(path: str, as_json: bool) -> int:
+    from tunneld.config import RelayConfig, load_config
+    from tunneld.control import get_json
+
+    config = load_config(path)
+    socket_path = (
+        config.relay.control_socket
+        if isinstance(config, RelayConfig)
+        else config.daemon.control_socket
+    )
+    try:
+        status = trio.run(get_json, socket_path, "/v1/status")
+    except NotRunningError:
+        if as_json:
+            print(json.dumps({"state": "not running", "control_socket": str(socket_path)}))
+        else:
+            print(f"not running (no answer on {socket_path})")
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"tunneld: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    assert isinstance(status, dict)
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(_format_status(status))
+    if status.get("role") == "relay":
+        return EXIT_CONNECTED if status.get("state") == "running" else EXIT_NOT_CONNECTED
+    return EXIT_CONNECTED if status.get("state") == "connected" else EXIT_NOT_CONNECTED
+
+
+def _format_status(st: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if st.get("role") == "relay":
+        lines.append(f"relay {st['hostname']}: {st['state']} (tunneld {st['version']})")
+        lines.append(f"  listening   {', '.join(st['listen'])}")
+        lines.append(f"  sessions    {len(st['sessions'])}")
+        for s in st["sessions"]:
+            gone = " (going away)" if s.get("going_away") else ""
+            lines.append(
+                f"    {s['id']}  {s['subject']}  {', '.join(s['hostnames'])}  "
+                f"streams {s['streams']['active']}/{s['streams']['total']}  "
+                f"from {s['peer']} since {s['connected_since']}{gone}"
+            )
+        return "\n".join(lines)
+    state = st["state"]
+    if state == "connected":
+        head = f"connected since {st['connected_since']} (session {st['session_id']})"
+    elif st.get("next_retry"):
+        head = f"{state}, next attempt at {st['next_retry']}"
+    else:
+        head = state
+    lines.append(f"tunneld {st['version']}: {head}")
+    lines.append(f"  relay       {st['relay']}")
+    lines.append(f"  hostnames   {', '.join(st['hostnames'])}")
+    lines.append(f"  upstream    {st.get('upstream', '')}")
+    if st.get("rtt_ms") is not None:
+        lines.append(f"  ping        {st['rtt_ms']} ms")
+    streams = st["streams"]
+    lines.append(f"  streams     {streams['active']} active, {streams['total']} total")
+    lines.append(f"  bytes       {st['bytes']['in']} in, {st['bytes']['out']} out")
+    cert = st.get("certificate")
+    if cert:
+        fp = cert["sha256"].upper()
+        colon = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2))
+        lines.append(f"  certificate {cert['subject']}  expires {cert['not_after']}")
+        lines.append(f"              SANs {', '.join(cert['sans'])}")
+        lines.append(f"              SHA-256 {colon}")
+    if st.get("last_error"):
+        lines.append(f"  last error  {st['last_error']}")
+    return "\n".join(lines)
+
+
+def _check_config(path: str) -> int:
+    from tunneld.config import HomeConfig, load_config, masked
+
+    config = load_config(path)
+    role = "home daemon" if isinstance(config, HomeConfig) else "relay"
+    print(f"{path}: valid {role} config")
+    print(json.dumps(masked(config), indent=2, default=str))
+    return 0
+
+
+def _token_issue(args: argparse.Namespace) -> int:
+    from tunneld.config import RelayConfig, load_config, parse_duration
+    from tunneld.errors import ConfigError
+    from tunneld.tokens import issue_token, load_private_key
+
+    config = load_config(args.config)
+    if not isinstance(config, RelayConfig):
+        raise ConfigError(f"{args.config}: token issue needs the relay config")
+    if config.relay.token_private_key is None:
+        raise ConfigError(
+            f"{args.config}: [relay] token_private_key: needed to issue tokens "
+            "(make one with `tunneld keygen`)"
+        )
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError:
+        raise ConfigError(f'--ttl: expected a duration like "90d", got {args.ttl!r}') from None
+    key = load_private_key(config.relay.token_private_key)
+    hostnames = list(args.hostnames)
+    token = issue_token(
+        key,
+        hostnames=hostnames,
+        subject=args.subject or hostnames[0],
+        ttl=ttl,
+        allow_insecure=config.relay.blocked_versions if args.allow_insecure else (),
+    )
+    print(token)
+    return 0
+
+
+def _token_inspect(token: str | None) -> int:
+    from tunneld.tokens import decode_claims_unverified
+
+    text = token if token is not None else sys.stdin.read().strip()
+    claims = decode_claims_unverified(text)
+    now = time.time()
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    out = {
+        "id": claims.token_id,
+        "subject": claims.subject,
+        "hostnames": list(claims.hostnames),
+        "issued_at": time.strftime(fmt, time.gmtime(claims.issued_at)),
+        "expires_at": time.strftime(fmt, time.gmtime(claims.expires_at)),
+        "expired": claims.expires_at <= now,
+        "days_left": round((claims.expires_at - now) / 86400, 1),
+        "allow_insecure": list(claims.allow_insecure),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The one exception tree of tunneld.
+
+Everything tunneld raises on purpose derives from TunneldError, so the CLI can
+turn any of them into one clear line and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TunneldError(Exception):
+    """Base of every error tunneld raises on purpose."""
+
+
+class ConfigError(TunneldError):
+    """A config file is missing, unreadable or invalid.
+
+    The message names `file: [table] key` and what was expected.
+    """
+
+
+class ProtocolError(TunneldError):
+    """The multiplexer protocol was violated (sans-IO core, h11 style).
+
+    `error_code` is the RESET/GOAWAY code that describes the violation.
+    """
+
+    def __init__(self, msg: str, error_code: int = 1) -> None:
+        super().__init__(msg)
+        self.error_code = error_code
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids; the session must close."""
+
+
+class ClientHelloError(TunneldError):
+    """A ClientHello could not be parsed (not TLS, malformed, too large)."""
+
+
+class TokenError(TunneldError):
+    """A token is malformed, badly signed, expired, revoked or not allowed.
+
+    `reason` is a machine-readable word (`bad_signature`, `expired`, ...).
+    """
+
+    def __init__(self, reason: str, msg: str) -> None:
+        super().__init__(msg)
+        self.reason = reason
+
+
+class KeyFileError(TunneldError):
+    """A key file is missing, unreadable or not the expected kind of key."""
+
+
+class ControlError(TunneldError):
+    """The control socket could not be reached or answered badly."""
+
+
+class NotRunningError(ControlError):
+    """Nothing listens on the control socket: the process is not running."""
+
+
+class SessionRefused(TunneldError):
+    """The relay refused the tunnel session before the upgrade.
+
+    `reason` is the relay's machine-readable reason, `status` its HTTP status.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(f"relay refused the session ({status} {reason}): {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,122 @@
+"""`tunneld run`: one root nursery owns the session, the streams and the control socket."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import trio
+
+from tunneld import __version__
+from tunneld.config import HomeConfig
+from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
+from tunneld.home.certs import CertificateStore
+from tunneld.home.connector import Connector
+from tunneld.home.streams import StreamHandler
+from tunneld.systemd import notify
+
+log = logging.getLogger("tunneld.daemon")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Daemon:
+    def __init__(self, config: HomeConfig) -> None:
+        self.config = config
+        self.certs = CertificateStore(config)
+        self.certs.load()
+        self.streams = StreamHandler(config, self.certs)
+        self.connector = Connector(config, self.streams)
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as root:
+            router = Router()
+            router.add("GET", "/v1/status", self._status_endpoint)
+            await root.start(serve_control, self.config.daemon.control_socket, router)
+            await root.start(self.connector.run)
+            root.start_soon(self._notify_status)
+            notify("READY=1", "STATUS=connecting to the relay")
+            log.info(
+                "tunneld %s serving %s via %s",
+                __version__,
+                ", ".join(self.config.tls.hostnames),
+                self.config.relay.url,
+            )
+            task_status.started()
+            await self._stop.wait()
+            notify("STOPPING=1")
+            self.connector.stop()
+            # Give the GOAWAY a moment to leave; open streams are cut.
+            await trio.sleep(0.2)
+            root.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _notify_status(self) -> None:
+        last = ""
+        while True:
+            st = self.connector.state
+            line = f"{st.state}" + (f": {st.last_error}" if st.last_error else "")
+            if line != last:
+                notify(f"STATUS={line}")
+                last = line
+            await trio.sleep(1)
+
+    async def _status_endpoint(self, _: ControlRequest) -> ControlResponse:
+        return ControlResponse.json(self.status())
+
+    def status(self) -> dict[str, Any]:
+        st = self.connector.state
+        streams = self.streams.statistics()
+        bytes_in, bytes_out = st.totals()
+        return {
+            "role": "home",
+            "state": st.state,
+            "relay": self.config.relay.url,
+            "session_id": st.session_id,
+            "hostnames": list(self.config.tls.hostnames),
+            "connected_since": iso(st.connected_since),
+            "next_retry": iso(st.next_retry),
+            "last_error": st.last_error,
+            "replaced": st.replaced,
+            "rtt_ms": round(st.rtt * 1000, 2) if st.rtt is not None else None,
+            "reconnects": st.reconnects,
+            "streams": {
+                "active": streams.active,
+                "total": streams.total,
+                "refused": streams.refused,
+                "tls_failed": streams.tls_failed,
+                "upstream_failed": streams.upstream_failed,
+            },
+            "bytes": {"in": bytes_in, "out": bytes_out},
+            "upstream": self.config.upstream.url,
+            "certificate": self.certs.status(),
+            "bans": [],
+            "version": __version__,
+        }
+
+
+async def run_daemon(config: HomeConfig) -> int:
+    daemon = Daemon(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    daemon.stop()
+                    return
+
+            nursery.start_soon(watch_signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,135 @@
+"""One client stream at home: limits, ClientHello, TLS termination, upstream pipe."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from tunneld.config import HomeConfig
+from tunneld.home.certs import CertificateStore
+from tunneld.transport.prefixed import PrefixedStream
+from tunneld.transport.session import MuxStream
+from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly, splice
+from tunneld.wire.clienthello import ClientHello, parse_client_hello
+from tunneld.wire.events import ResetCode
+
+log = logging.getLogger("tunneld.stream")
+
+
+@dataclass(frozen=True)
+class StreamStatistics:
+    active: int
+    total: int
+    refused: int
+    tls_failed: int
+    upstream_failed: int
+
+
+class StreamHandler:
+    """Called by the session for every OPEN; owns nothing outside that call."""
+
+    def __init__(self, config: HomeConfig, certs: CertificateStore) -> None:
+        self.config = config
+        self.certs = certs
+        self.active = 0
+        self.total = 0
+        self.refused = 0
+        self.tls_failed = 0
+        self.upstream_failed = 0
+        self._per_ip: Counter[str] = Counter()
+
+    def statistics(self) -> StreamStatistics:
+        return StreamStatistics(
+            self.active, self.total, self.refused, self.tls_failed, self.upstream_failed
+        )
+
+    async def __call__(self, stream: MuxStream) -> None:
+        ip = stream.client_ip
+        self.total += 1
+        if (
+            self.active >= self.config.daemon.max_streams
+            or self._per_ip[ip] >= self.config.watchdog.max_streams_per_ip
+        ):
+            self.refused += 1
+            log.warning("refused stream from %s: over the stream limit", ip)
+            stream.reset(ResetCode.REFUSED)
+            return
+        self.active += 1
+        self._per_ip[ip] += 1
+        try:
+            await self._serve(stream, ip)
+        finally:
+            self.active -= 1
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    async def _serve(self, stream: MuxStream, ip: str) -> None:
+        tls_cfg = self.config.tls
+        hello: ClientHello | None = None
+        first = b""
+        with trio.move_on_after(tls_cfg.client_hello_timeout):
+            hello, first = await self._read_client_hello(stream)
+        if hello is None:
+            self.tls_failed += 1
+            stream.reset(ResetCode.TLS_FAILED)
+            return
+        context = self.certs.context_for(hello)
+        tls = trio.SSLStream(PrefixedStream(stream, first), context, server_side=True)
+        try:
+            with trio.fail_after(tls_cfg.handshake_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, *STREAM_ERRORS) as exc:
+            self.tls_failed += 1
+            log.info("TLS handshake with %s failed: %s", ip, _describe(exc))
+            stream.reset(ResetCode.TLS_FAILED)
+            return
+        up = self.config.upstream
+        try:
+            with trio.fail_after(up.connect_timeout):
+                upstream = await trio.open_tcp_stream(up.host, up.port)
+        except (trio.TooSlowError, OSError) as exc:
+            self.upstream_failed += 1
+            log.warning("upstream %s unreachable for %s: %s", up.url, ip, _describe(exc))
+            stream.reset(ResetCode.UPSTREAM_FAILED)
+            return
+        clean = await splice(tls, upstream)
+        log.debug("stream %d from %s ended %s", stream.stream_id, ip, _END[clean])
+        if clean:
+            await aclose_quietly(upstream)
+            await aclose_quietly(tls)
+        else:
+            abort_socket(upstream)
+            await aclose_quietly(upstream)
+            stream.reset(ResetCode.CANCEL)
+
+    async def _read_client_hello(self, stream: MuxStream) -> tuple[ClientHello | None, bytes]:
+        buf = bytearray()
+        try:
+            while True:
+                data = await stream.receive_some()
+                if not data:
+                    break
+                buf += data
+                result = parse_client_hello(buf)
+                if isinstance(result, ClientHello):
+                    return result, bytes(buf)
+                if result.name != "NEED_MORE":
+                    log.info("stream from %s: %s", stream.client_ip, result.name.lower())
+                    break
+        except STREAM_ERRORS:
+            pass
+        return None, b""
+
+
+_END = {True: "cleanly", False: "broken"}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__

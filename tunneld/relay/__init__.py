@@ -1,0 +1,1 @@
+"""The public relay: SNI routing, the tunnel endpoint, the session registry."""

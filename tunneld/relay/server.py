@@ -1,0 +1,539 @@
+"""The public relay: one TLS port routed by SNI, the tunnel endpoint on the same port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import trio
+import trio_websocket
+
+from tunneld import __version__
+from tunneld.config import RelayConfig
+from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
+from tunneld.errors import ProtocolError, TokenError
+from tunneld.netaddr import normalize_ip
+from tunneld.relay.registry import HomeSession, Registry
+from tunneld.systemd import notify
+from tunneld.tokens import (
+    Claims,
+    check_hostnames,
+    check_version,
+    load_public_keys,
+    verify_token,
+)
+from tunneld.transport.prefixed import PrefixedStream
+from tunneld.transport.session import (
+    MAX_MESSAGE_SIZE,
+    RECEIVE_BUFFER,
+    MuxSession,
+    MuxStream,
+)
+from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly, splice
+from tunneld.wire import events as ev
+from tunneld.wire.clienthello import (
+    ClientHello,
+    normalize_hostname,
+    parse_client_hello,
+    unrecognized_name_alert,
+)
+from tunneld.wire.mux import Connection, Role
+
+log = logging.getLogger("tunneld.relay")
+
+TUNNEL_PATH = "/v1/tunnel"
+# HTTP status of each refusal reason; others (hostname, version) are 403.
+REFUSAL_STATUS = {
+    "bad_token": 401,
+    "bad_signature": 401,
+    "expired": 401,
+    "revoked": 401,
+    "bad_request": 400,
+}
+MAX_REQUEST_HEAD = 16 * 1024
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass
+class RelayStats:
+    connections_total: int = 0
+    routed_total: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+
+
+class Relay:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.cfg = config.relay
+        self.registry = Registry()
+        self.stats = RelayStats()
+        self.state = "starting"
+        self.started_at = time.time()
+        self._per_ip: Counter[str] = Counter()
+        self._public_keys = load_public_keys(self.cfg.token_public_key)
+        self._ssl = self._make_ssl_context()
+        self._stop = trio.Event()
+        self.listening: list[tuple[str, int]] = []
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self.cfg.certificate), str(self.cfg.private_key))
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- top level -------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as root:
+            await root.start(serve_control, self.cfg.control_socket, self._control_router())
+            async with trio.open_nursery() as conns:
+                listener_scope = trio.CancelScope()
+
+                async def serve_public(task_status: trio.TaskStatus[None]) -> None:
+                    with listener_scope:
+                        async with trio.open_nursery() as lst:
+                            for host, port in self.cfg.listen:
+                                listeners = await trio.open_tcp_listeners(port, host=host)
+                                for listener in listeners:
+                                    sock = listener.socket
+                                    self.listening.append(sock.getsockname()[:2])
+                                await lst.start(
+                                    trio.serve_listeners,
+                                    self._handle_client,
+                                    listeners,
+                                )
+                            for host, port in self.cfg.http_listen:
+                                listeners = await trio.open_tcp_listeners(port, host=host)
+                                await lst.start(
+                                    trio.serve_listeners,
+                                    self._handle_http,
+                                    listeners,
+                                )
+                            task_status.started()
+                            await trio.sleep_forever()
+
+                await conns.start(serve_public)
+                self.state = "running"
+                log.info(
+                    "relay %s listening on %s (tunneld %s)",
+                    self.cfg.hostname,
+                    ", ".join(f"{h}:{p}" for h, p in self.listening),
+                    __version__,
+                )
+                notify("READY=1", f"STATUS=listening on {len(self.listening)} address(es)")
+                task_status.started()
+                await self._stop.wait()
+                notify("STOPPING=1")
+                # Drain: no new clients, every session told to go away, then wait.
+                self.state = "stopping"
+                listener_scope.cancel()
+                log.info("relay stopping: GOAWAY to %d session(s)", len(self.registry.sessions))
+                for session in list(self.registry.sessions):
+                    try:
+                        session.mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
+                    except Exception:  # noqa: BLE001
+                        pass
+                with trio.move_on_after(self.cfg.drain_timeout):
+                    for session in list(self.registry.sessions):
+                        await session.mux.idle.wait()
+                conns.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        log.info("relay stopped")
+
+    # -- public TLS port -------------------------------------------------------
+    async def _handle_client(self, tcp: trio.SocketStream) -> None:
+        peer = tcp.socket.getpeername()
+        ip, port = normalize_ip(peer[0]), int(peer[1])
+        self.stats.connections_total += 1
+        limit = self.cfg.max_connections_per_ip
+        if limit and self._per_ip[ip] >= limit:
+            self.stats.refused["ip_limit"] += 1
+            log.warning("refused %s: over %d connections per address", ip, limit)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
+        self._per_ip[ip] += 1
+        try:
+            await self._route(tcp, ip, port)
+        except Exception as exc:  # one client must never take the relay down
+            log.error("connection from %s failed: %r", ip, exc)
+            log.debug("connection failure", exc_info=True)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+        finally:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    async def _route(self, tcp: trio.SocketStream, ip: str, port: int) -> None:
+        buf = bytearray()
+        hello: ClientHello | None = None
+        with trio.move_on_after(self.cfg.client_hello_timeout):
+            try:
+                while hello is None:
+                    data = await tcp.receive_some(16384)
+                    if not data:
+                        break
+                    buf += data
+                    result = parse_client_hello(buf)
+                    if isinstance(result, ClientHello):
+                        hello = result
+                    elif result.name != "NEED_MORE":
+                        log.info("dropped %s: %s", ip, result.name.lower().replace("_", " "))
+                        break
+            except STREAM_ERRORS:
+                pass
+        if hello is None:
+            self.stats.refused["client_hello"] += 1
+            await aclose_quietly(tcp)
+            return
+        sni = normalize_hostname(hello.sni) if hello.sni else None
+        if sni == self.cfg.hostname:
+            await self._serve_own(PrefixedStream(tcp, buf), ip)
+            return
+        session = self.registry.lookup(sni) if sni else None
+        if session is None:
+            self.stats.refused["unknown_name"] += 1
+            log.info("refused %s: no session for %s", ip, sni or "(no SNI)")
+            try:
+                with trio.move_on_after(5):
+                    await tcp.send_all(unrecognized_name_alert())
+            except STREAM_ERRORS:
+                pass
+            await aclose_quietly(tcp)
+            return
+        if session.is_banned(ip):
+            self.stats.refused["banned"] += 1
+            log.info("refused %s for %s: banned by the home", ip, sni)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
+        try:
+            stream = session.mux.open_stream(ip, port, sni or "")
+        except (ProtocolError, trio.BrokenResourceError) as exc:
+            self.stats.refused["session_limit"] += 1
+            log.warning("refused %s for %s: %s", ip, sni, exc)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
+        self.stats.routed_total += 1
+        await self._splice_client(tcp, stream, bytes(buf))
+
+    async def _splice_client(self, tcp: trio.SocketStream, stream: MuxStream, first: bytes) -> None:
+        clean = False
+        try:
+            await stream.send_all(first)
+            clean = await splice(tcp, stream)
+            log.debug("client stream %d ended %s", stream.stream_id, "cleanly" * clean or "broken")
+        except STREAM_ERRORS:
+            clean = False
+        finally:
+            if clean:
+                await stream.aclose()
+            else:
+                # A cut stream must look cut to the client: TCP reset, not FIN.
+                stream.reset(ev.ResetCode.CANCEL)
+                abort_socket(tcp)
+            await aclose_quietly(tcp)
+
+    # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
+    async def _serve_own(self, raw: PrefixedStream, ip: str) -> None:
+        tls = trio.SSLStream(raw, self._ssl, server_side=True)
+        try:
+            with trio.fail_after(self.cfg.client_hello_timeout):
+                await tls.do_handshake()
+                http, request, head = await _read_request_head(tls)
+        except (trio.TooSlowError, *STREAM_ERRORS, h11.RemoteProtocolError) as exc:
+            log.info("relay endpoint: %s dropped (%s)", ip, type(exc).__name__)
+            await aclose_quietly(tls)
+            return
+        target = request.target.decode("ascii", "replace").split("?", 1)[0]
+        try:
+            if target == "/healthz":
+                await _respond(tls, http, 200, b"ok\n", "text/plain")
+            elif target == TUNNEL_PATH:
+                await self._serve_tunnel(tls, http, request, head, ip)
+            else:
+                await _respond(tls, http, 404, b"not found\n", "text/plain")
+        except STREAM_ERRORS:
+            pass
+        finally:
+            await aclose_quietly(tls)
+
+    def _authorize(self, request: h11.Request) -> tuple[Claims, tuple[str, ...], str]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            raise TokenError("bad_token", "no bearer token in the Authorization header")
+        claims = verify_token(
+            auth[7:].strip(), self._public_keys, revoked=set(self.cfg.revoked_tokens)
+        )
+        requested = (
+            tuple(
+                normalize_hostname(h.strip())
+                for h in headers.get("tunneld-hostnames", "").split(",")
+                if h.strip()
+            )
+            or claims.hostnames
+        )
+        check_hostnames(claims, requested, self.cfg.hostname)
+        version = headers.get("tunneld-version", "").strip()
+        if not version:
+            raise TokenError("bad_request", "the Tunneld-Version header is missing")
+        check_version(version, self.cfg.blocked_versions, claims)
+        return claims, requested, version
+
+    async def _serve_tunnel(
+        self,
+        tls: trio.SSLStream[Any],
+        http: h11.Connection,
+        request: h11.Request,
+        head: bytes,
+        ip: str,
+    ) -> None:
+        try:
+            claims, hostnames, version = self._authorize(request)
+        except TokenError as exc:
+            status = REFUSAL_STATUS.get(exc.reason, 403)
+            self.stats.refused[exc.reason] += 1
+            log.warning("refused tunnel from %s: %s (%s)", ip, exc.reason, exc)
+            body = json.dumps({"reason": exc.reason, "detail": str(exc)}).encode()
+            await _respond(tls, http, status, body, "application/json")
+            return
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(self.cfg.client_hello_timeout):
+                    ws_request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        PrefixedStream(tls, head),
+                        max_message_size=MAX_MESSAGE_SIZE,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                    ws = await ws_request.accept()
+            except (trio.TooSlowError, trio_websocket.HandshakeError, *STREAM_ERRORS) as exc:
+                log.info("tunnel handshake from %s failed: %r", ip, exc)
+                nursery.cancel_scope.cancel()
+                return
+            await self._run_session(ws, claims, hostnames, version, ip)
+            nursery.cancel_scope.cancel()
+
+    async def _run_session(
+        self, ws: Any, claims: Claims, hostnames: tuple[str, ...], version: str, ip: str
+    ) -> None:
+        conn = Connection(
+            Role.RELAY,
+            window=self.cfg.stream_window,
+            max_streams=self.cfg.max_streams_per_session,
+        )
+        session_id = secrets.token_hex(6)
+        home: HomeSession | None = None
+
+        def on_event(event: ev.Event) -> None:
+            if isinstance(event, ev.Ban) and home is not None:
+                home.apply_bans(event)
+            elif isinstance(event, ev.GoAway):
+                log.info("session %s going away: %s", session_id, event.reason or event.code)
+                if home is not None:
+                    self.registry.unregister(home)
+
+        mux = MuxSession(ws, conn, session_id=session_id, on_event=on_event)
+        try:
+            with trio.fail_after(self.cfg.client_hello_timeout):
+                first = await mux.receive_handshake()
+            if not isinstance(first, ev.Hello):
+                raise ProtocolError(f"expected HELLO, got {type(first).__name__}")
+            if set(first.hostnames) != set(hostnames):
+                raise ProtocolError("HELLO hostnames differ from the handshake headers")
+            await mux.send_now(
+                ev.Welcome(
+                    session_id=session_id,
+                    hostnames=hostnames,
+                    window=self.cfg.stream_window,
+                    ping_interval=self.cfg.ping_interval,
+                )
+            )
+        except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
+            log.warning("session from %s failed its handshake: %s", ip, exc or type(exc).__name__)
+            with trio.move_on_after(2):
+                await ws.aclose(1002, "handshake failed")
+            return
+        if self.state != "running":
+            mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
+        home = HomeSession(
+            mux=mux,
+            session_id=session_id,
+            subject=claims.subject,
+            token_id=claims.token_id,
+            version=version,
+            hostnames=hostnames,
+            peer=ip,
+        )
+        self.registry.register(home)
+        log.info(
+            "session %s connected from %s: %s for %s (tunneld %s)",
+            session_id,
+            ip,
+            claims.subject,
+            ", ".join(hostnames),
+            version,
+        )
+
+        def extra(nursery: trio.Nursery) -> None:
+            nursery.start_soon(self._liveness, mux)
+
+        try:
+            await mux.run(extra=extra)
+        except ProtocolError as exc:
+            log.warning("session %s closed: protocol error: %s", session_id, exc)
+            mux.close_reason = f"protocol error: {exc}"
+        finally:
+            self.registry.unregister(home)
+            log.info("session %s ended (%s)", session_id, mux.close_reason or "closed")
+
+    async def _liveness(self, mux: MuxSession) -> None:
+        # The home pings every ping_interval; silence for three intervals = dead.
+        limit = 3 * self.cfg.ping_interval
+        while True:
+            await trio.sleep(self.cfg.ping_interval / 2)
+            if time.monotonic() - mux.last_received > limit:
+                log.warning("session %s silent for %.0fs: closing", mux.session_id, limit)
+                mux.close("no traffic from the home (liveness)")
+                return
+
+    # -- plain HTTP: redirect to https -------------------------------------------
+    async def _handle_http(self, tcp: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(self.cfg.client_hello_timeout):
+                http, request, _ = await _read_request_head(tcp)
+            host = ""
+            for name, value in request.headers:
+                if name.lower() == b"host":
+                    host = value.decode("ascii", "replace").split(":", 1)[0]
+            target = request.target.decode("ascii", "replace")
+            if not host or not target.startswith("/"):
+                await _respond(tcp, http, 400, b"bad request\n", "text/plain")
+            else:
+                location = f"https://{host}{target}"
+                await _respond(tcp, http, 308, b"", "text/plain", extra=[("Location", location)])
+        except (trio.TooSlowError, *STREAM_ERRORS, h11.RemoteProtocolError):
+            pass
+        finally:
+            await aclose_quietly(tcp)
+
+    # -- control socket ------------------------------------------------------
+    def _control_router(self) -> Router:
+        router = Router()
+
+        async def status(_: ControlRequest) -> ControlResponse:
+            return ControlResponse.json(self.status())
+
+        router.add("GET", "/v1/status", status)
+        return router
+
+    def status(self) -> dict[str, Any]:
+        sessions = []
+        for s in self.registry.sessions:
+            st = s.mux.statistics()
+            sessions.append(
+                {
+                    "id": s.session_id,
+                    "subject": s.subject,
+                    "hostnames": list(s.hostnames),
+                    "peer": s.peer,
+                    "version": s.version,
+                    "connected_since": _iso(st.connected_since),
+                    "streams": {"active": st.streams_active, "total": st.streams_total},
+                    "bytes": {"in": st.bytes_in, "out": st.bytes_out},
+                    "bans": len(s.bans),
+                    "going_away": st.going_away or s.replaced,
+                }
+            )
+        return {
+            "role": "relay",
+            "state": self.state,
+            "hostname": self.cfg.hostname,
+            "listen": [f"{h}:{p}" for h, p in self.listening],
+            "started": _iso(self.started_at),
+            "sessions": sessions,
+            "connections": {
+                "total": self.stats.connections_total,
+                "routed": self.stats.routed_total,
+                "refused": dict(self.stats.refused),
+            },
+            "version": __version__,
+        }
+
+
+async def _read_request_head(
+    stream: trio.abc.Stream,
+) -> tuple[h11.Connection, h11.Request, bytes]:
+    """Read one HTTP request head; returns it and every raw byte read."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    raw = bytearray()
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return conn, event, bytes(raw)
+        if event is h11.NEED_DATA:
+            data = bytes(await stream.receive_some(MAX_REQUEST_HEAD))
+            if not data:
+                raise trio.BrokenResourceError("client closed before a request")
+            raw += data
+            conn.receive_data(data)
+            continue
+        raise h11.RemoteProtocolError("unexpected event before the request")
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra: list[tuple[str, str]] | None = None,
+) -> None:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        ("Server", f"tunneld-relay/{__version__}"),
+        *(extra or []),
+    ]
+    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    out += conn.send(h11.Data(data=body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    with trio.fail_after(10):
+        await stream.send_all(out)
+
+
+async def run_relay(config: RelayConfig) -> int:
+    """The `tunneld relay` process: serve until SIGTERM/SIGINT, then drain."""
+    relay = Relay(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    relay.stop()
+                    return
+
+            nursery.start_soon(watch_signals)
+            await relay.run()
+            nursery.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,1 @@
+"""Where the sans-IO protocol meets trio: the WebSocket session and its streams."""

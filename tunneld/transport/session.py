@@ -1,0 +1,481 @@
+"""One multiplexed session over a WebSocket, and the streams it carries.
+
+The sans-IO `mux.Connection` decides what is legal; this module only moves
+bytes: one reader task feeds WebSocket messages into it and dispatches the
+events, one writer task sends what it has queued (several frames coalesced per
+message). Streams never own a task: a `MuxStream` parks on a ParkingLot until
+the reader gives it data or credit, so an idle stream costs a few objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from tunneld.errors import ProtocolError, RemoteProtocolError
+from tunneld.wire import events as ev
+from tunneld.wire.mux import Connection
+
+log = logging.getLogger("tunneld.session")
+
+# Coalesce up to this many bytes of frames into one WebSocket message: big
+# messages amortise WebSocket framing and masking, the main per-byte cost.
+MESSAGE_BYTES = 256 * 1024
+# The receive side must accept one coalesced message plus one maximal frame.
+MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+RECEIVE_BUFFER = 256 * 1024
+CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class SessionStatistics:
+    session_id: str
+    connected_since: float  # Unix time
+    streams_active: int
+    streams_total: int
+    bytes_in: int  # WebSocket payload bytes received
+    bytes_out: int
+    rtt: float | None  # seconds, last ping round trip (home side)
+    going_away: bool
+
+
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One client connection carried by the session (a trio HalfCloseableStream).
+
+    Received data is buffered up to the window the peer may send, so memory per
+    stream is bounded by the window; nothing is allocated while idle.
+    """
+
+    def __init__(
+        self, session: MuxSession, stream_id: int, client_ip: str, client_port: int, sni: str
+    ) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.sni = sni
+        self._recv: bytearray | None = None  # allocated on first data
+        self._recv_eof = False
+        self._error: str | None = None  # set when reset or session lost
+        self._local_closed = False  # we sent EOF or RESET
+        self._detached = False  # closed by us: drop incoming data
+        self._lot = trio.lowlevel.ParkingLot()
+        self._send_conflict = False
+        self._recv_conflict = False
+
+    # -- fed by the session reader ------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        if self._detached:
+            self._session._acknowledge(self.stream_id, len(data))
+            return
+        if self._recv is None:
+            self._recv = bytearray(data)
+        else:
+            self._recv += data
+        self._lot.unpark_all()
+
+    def _feed_eof(self) -> None:
+        self._recv_eof = True
+        self._lot.unpark_all()
+
+    def _fail(self, why: str) -> None:
+        if self._error is None:
+            self._error = why
+        self._recv = None
+        self._lot.unpark_all()
+
+    def _wake(self) -> None:
+        self._lot.unpark_all()
+
+    @property
+    def finished(self) -> bool:
+        return self._error is not None or (self._local_closed and self._recv_eof)
+
+    # -- trio.abc.Stream ------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._recv_conflict:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._recv_conflict = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._recv:
+                    if max_bytes is None or max_bytes >= len(self._recv):
+                        data = bytes(self._recv)
+                        self._recv = None
+                    else:
+                        data = bytes(self._recv[:max_bytes])
+                        del self._recv[:max_bytes]
+                    self._session._acknowledge(self.stream_id, len(data))
+                    return data
+                if self._error is not None:
+                    raise trio.BrokenResourceError(self._error)
+                if self._recv_eof:
+                    return b""
+                if self._detached:
+                    raise trio.ClosedResourceError("stream was closed")
+                await self._lot.park()
+        finally:
+            self._recv_conflict = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_conflict:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_conflict = True
+        try:
+            await trio.lowlevel.checkpoint()
+            view = memoryview(data).cast("B")
+            while view:
+                self._check_sendable()
+                room = self._session._conn.send_capacity(self.stream_id)
+                if room <= 0:
+                    await self._lot.park()
+                    continue
+                chunk = view[:room]
+                self._session._send(ev.Data(self.stream_id, bytes(chunk)))
+                view = view[len(chunk) :]
+        finally:
+            self._send_conflict = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while True:
+            self._check_sendable()
+            if self._session._conn.send_capacity(self.stream_id) > 0:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._lot.park()
+
+    def _check_sendable(self) -> None:
+        if self._error is not None:
+            raise trio.BrokenResourceError(self._error)
+        if self._local_closed:
+            raise trio.ClosedResourceError("stream already half-closed or closed")
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._error is not None:
+            raise trio.BrokenResourceError(self._error)
+        if self._local_closed:
+            return
+        self._local_closed = True
+        self._session._send(ev.Eof(self.stream_id))
+        self._session._maybe_forget(self)
+
+    def reset(self, code: int = ev.ResetCode.CANCEL) -> None:
+        """Abort both directions now (the peer sees RESET, never a clean end)."""
+        if self._error is None:
+            self._error = "stream reset locally"
+            self._local_closed = True
+            self._recv = None
+            self._session._send_reset(self.stream_id, code)
+            self._session._forget(self)
+        self._lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close like a socket: what was sent is delivered (EOF), unread input dropped.
+
+        An abnormal end must call `reset()` instead, so the peer can never
+        mistake a cut stream for a complete one.
+        """
+        if self._error is None:
+            if not self._local_closed:
+                self._local_closed = True
+                self._session._send_quietly(ev.Eof(self.stream_id))
+            self._detached = True
+            if self._recv:
+                self._session._acknowledge(self.stream_id, len(self._recv))
+            self._recv = None
+            self._session._maybe_forget(self)
+        self._lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+
+StreamHandler = Callable[[MuxStream], Awaitable[None]]
+
+
+class MuxSession:
+    """Runs one mux `Connection` over one WebSocket.
+
+    `run()` owns the reader and writer tasks and every stream handler task, so
+    when the session ends, all of its work ends with it.
+    """
+
+    def __init__(
+        self,
+        ws: Any,
+        conn: Connection,
+        *,
+        session_id: str = "",
+        on_open: StreamHandler | None = None,
+        on_event: Callable[[ev.Event], None] | None = None,
+    ) -> None:
+        self._ws = ws
+        self._conn = conn
+        self.session_id = session_id
+        self._on_open = on_open
+        self._on_event = on_event
+        self._streams: dict[int, MuxStream] = {}
+        self._wake_writer = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self.close_reason: str | None = None
+        self.connected_since = time.time()
+        self.streams_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rtt: float | None = None
+        self.going_away = False  # peer sent GOAWAY
+        self.last_received = time.monotonic()
+        self._pings: dict[bytes, float] = {}
+        self._pong = trio.Event()
+        self.idle = trio.Event()  # set whenever no stream is open
+        self.idle.set()
+
+    # -- handshake helpers (run before `run`) ---------------------------------
+    async def send_now(self, event: ev.Event) -> None:
+        self._conn.send(event)
+        await self._flush()
+
+    async def receive_handshake(self) -> ev.Event:
+        """Read until the peer's first event (HELLO or WELCOME or GOAWAY)."""
+        while True:
+            event = self._conn.next_event()
+            if event is not ev.NEED_DATA:
+                assert isinstance(event, ev.Event)
+                return event
+            message = await self._ws.get_message()
+            self._feed_message(message)
+
+    # -- the session ---------------------------------------------------------
+    async def run(self, *, extra: Callable[[trio.Nursery], None] | None = None) -> None:
+        """Serve until the WebSocket ends or a protocol error; returns the reason."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                if extra is not None:
+                    extra(nursery)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closed = True
+            for stream in list(self._streams.values()):
+                stream._fail(self.close_reason or "tunnel session lost")
+            self._streams.clear()
+            self.idle.set()
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                try:
+                    await self._ws.aclose()
+                except Exception:  # noqa: BLE001 - closing a dead socket may fail any way
+                    pass
+
+    def close(self, reason: str) -> None:
+        """End the session now (cancels its tasks; streams see an error)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def open_stream(self, client_ip: str, client_port: int, sni: str) -> MuxStream:
+        """Relay side: announce a client connection (raises LocalProtocolError at the limit)."""
+        stream_id = self._conn.next_stream_id()
+        self._send(ev.Open(stream_id, client_ip, client_port, sni))
+        stream = MuxStream(self, stream_id, client_ip, client_port, sni)
+        self._add(stream)
+        return stream
+
+    def send(self, event: ev.Event) -> None:
+        """Queue a control event (GOAWAY, BAN, PING...) for the writer."""
+        self._send(event)
+
+    async def ping(self) -> float:
+        """Send PING and wait for its PONG (the caller bounds the wait)."""
+        payload = os.urandom(8)
+        start = time.monotonic()
+        self._pings = {payload: start}
+        self._pong = trio.Event()
+        self._send(ev.Ping(payload))
+        await self._pong.wait()
+        self.rtt = time.monotonic() - start
+        return self.rtt
+
+    @property
+    def streams_active(self) -> int:
+        return len(self._streams)
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            session_id=self.session_id,
+            connected_since=self.connected_since,
+            streams_active=len(self._streams),
+            streams_total=self.streams_total,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            rtt=self.rtt,
+            going_away=self.going_away,
+        )
+
+    # -- internals -------------------------------------------------------------
+    def _add(self, stream: MuxStream) -> None:
+        self._streams[stream.stream_id] = stream
+        self.streams_total += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+
+    def _forget(self, stream: MuxStream) -> None:
+        if self._streams.pop(stream.stream_id, None) is not None and not self._streams:
+            self.idle.set()
+
+    def _maybe_forget(self, stream: MuxStream) -> None:
+        if stream.finished:
+            self._forget(stream)
+
+    def _send(self, event: ev.Event) -> None:
+        if self._closed:
+            raise trio.BrokenResourceError(self.close_reason or "tunnel session closed")
+        self._conn.send(event)
+        self._wake_writer.set()
+
+    def _send_reset(self, stream_id: int, code: int) -> None:
+        self._send_quietly(ev.Reset(stream_id, code))
+
+    def _send_quietly(self, event: ev.Event) -> None:
+        """Queue a frame for a stream that may already be closed on the wire."""
+        if self._closed:
+            return
+        try:
+            self._conn.send(event)
+        except ProtocolError:
+            return
+        self._wake_writer.set()
+
+    def _acknowledge(self, stream_id: int, nbytes: int) -> None:
+        if self._closed or nbytes <= 0:
+            return
+        try:
+            self._conn.acknowledge(stream_id, nbytes)
+        except ProtocolError:
+            return
+        if self._conn.has_data_to_send():
+            self._wake_writer.set()
+
+    def _feed_message(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            raise RemoteProtocolError("text WebSocket message on a binary session")
+        self.bytes_in += len(message)
+        self.last_received = time.monotonic()
+        self._conn.receive_data(message)
+
+    async def _flush(self) -> None:
+        while self._conn.has_data_to_send():
+            data = self._conn.data_to_send(MESSAGE_BYTES)
+            if not data:
+                break
+            self.bytes_out += len(data)
+            await self._ws.send_message(data)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            await self._flush()
+            # Sending freed credit nowhere, but a stream waiting for the writer
+            # to drain is woken by Window events; nothing else to do here.
+
+    async def _reader(self) -> None:
+        import trio_websocket
+
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                self.close_reason = self.close_reason or _describe_close(exc)
+                return
+            self._feed_message(message)
+            while True:
+                event = self._conn.next_event()
+                if event is ev.NEED_DATA:
+                    break
+                assert isinstance(event, ev.Event)
+                if isinstance(event, ev.ConnectionClosed):
+                    self.close_reason = self.close_reason or "peer closed the session"
+                    return
+                self._dispatch(event)
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Data):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                # Reset by us while the data was in flight: keep credit flowing.
+                self._acknowledge(event.stream_id, len(event.data))
+            else:
+                stream._feed(event.data)
+        elif isinstance(event, ev.Window):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._wake()
+        elif isinstance(event, ev.Eof):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._feed_eof()
+                self._maybe_forget(stream)
+        elif isinstance(event, ev.Reset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._fail(f"stream reset by peer ({_reset_name(event.code)})")
+                if not self._streams:
+                    self.idle.set()
+        elif isinstance(event, ev.Open):
+            self._accept(event)
+        elif isinstance(event, ev.Ping):
+            self._send(ev.Pong(event.payload))
+        elif isinstance(event, ev.Pong):
+            if event.payload in self._pings:
+                self._pings.clear()
+                self._pong.set()
+        else:
+            if isinstance(event, ev.GoAway):
+                self.going_away = True
+            if self._on_event is not None:
+                self._on_event(event)
+
+    def _accept(self, event: ev.Open) -> None:
+        stream = MuxStream(self, event.stream_id, event.client_ip, event.client_port, event.sni)
+        self._add(stream)
+        if self._on_open is None or self._nursery is None:
+            stream.reset(ev.ResetCode.REFUSED)
+            return
+        self._nursery.start_soon(self._run_handler, stream)
+
+    async def _run_handler(self, stream: MuxStream) -> None:
+        assert self._on_open is not None
+        try:
+            await self._on_open(stream)
+        except Exception as exc:  # one stream's failure must never end the session
+            log.error("stream %d from %s failed: %r", stream.stream_id, stream.client_ip, exc)
+            log.debug("stream failure", exc_info=True)
+        finally:
+            if not stream.finished and not stream._detached:
+                stream.reset(ev.ResetCode.CANCEL)
+
+
+def _reset_name(code: int) -> str:
+    try:
+        return ev.ResetCode(code).name.lower()
+    except ValueError:
+        return f"code {code}"
+
+
+def _describe_close(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason is None:
+        return "session closed"
+    code = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None) or getattr(reason, "name", "")
+    return f"session closed by peer (WebSocket {code}{': ' + text if text else ''})"
