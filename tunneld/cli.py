@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-key", required=True, type=Path)
     p.add_argument("--public-key", required=True, type=Path)
 
+    cert = sub.add_parser("cert", help="the home certificate")
+    csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    p = csub.add_parser("show", help="subject, SANs, issuer, expiry and SHA-256 fingerprint")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("demo", help="relay + daemon + a small web app on loopback")
     p.add_argument("--check", action="store_true", help="run the printed curl once and exit")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")
@@ -102,6 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         setup_logging("warning")
         return demo_main(check=args.check, keep=args.keep, port=args.port)
+    if cmd == "cert":
+        return _cert_show(args.config, args.json)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
@@ -201,14 +209,58 @@ def _format_status(st: dict[str, Any]) -> str:
     lines.append(f"  bytes       {st['bytes']['in']} in, {st['bytes']['out']} out")
     cert = st.get("certificate")
     if cert:
-        fp = cert["sha256"].upper()
-        colon = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2))
-        lines.append(f"  certificate {cert['subject']}  expires {cert['not_after']}")
-        lines.append(f"              SANs {', '.join(cert['sans'])}")
-        lines.append(f"              SHA-256 {colon}")
+        lines.extend(_certificate_lines(cert, "  certificate "))
     if st.get("last_error"):
         lines.append(f"  last error  {st['last_error']}")
+    lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
+
+
+def _certificate_lines(cert: dict[str, Any], head: str) -> list[str]:
+    fp = cert["sha256"].upper()
+    colon = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2))
+    pad = " " * len(head)
+    days = cert.get("days_left")
+    left = f" ({days} days left)" if days is not None else ""
+    lines = [
+        f"{head}{cert['subject']}",
+        f"{pad}SANs     {', '.join(cert['sans'])}",
+        f"{pad}issuer   {cert['issuer']}" + (" (self-signed)" if cert.get("self_signed") else ""),
+        f"{pad}expires  {cert['not_after']}{left}",
+        f"{pad}SHA-256  {colon}",
+    ]
+    renewal = cert.get("renewal")
+    if renewal:
+        state = renewal["state"] + (f": {renewal['last_error']}" if renewal["last_error"] else "")
+        lines.append(f"{pad}renewal  {state}")
+    return lines
+
+
+def _cert_show(path: str, as_json: bool) -> int:
+    from cryptography import x509
+
+    from tunneld.config import load_home_config
+    from tunneld.home.certs import CertificateStore, certificate_facts, is_self_signed
+    from tunneld.pki import certificate_info
+
+    # The file the daemon serves, read directly: works whether or not the daemon runs.
+    cert_path = CertificateStore(load_home_config(path)).cert_path
+    try:
+        pem = cert_path.read_bytes()
+    except FileNotFoundError:
+        raise TunneldError(
+            f"no certificate at {cert_path} yet (the daemon creates it when it starts)"
+        ) from None
+    except OSError as exc:
+        raise TunneldError(f"cannot read {cert_path}: {exc.strerror or exc}") from None
+    info = certificate_info(pem)
+    self_signed = is_self_signed(x509.load_pem_x509_certificates(pem)[0])
+    facts = {"path": str(cert_path), **certificate_facts(info, self_signed, time.time())}
+    if as_json:
+        print(json.dumps(facts, indent=2))
+    else:
+        print("\n".join([f"{cert_path}", *_certificate_lines(facts, "  subject  ")]))
+    return 0
 
 
 def _check_config(path: str) -> int:

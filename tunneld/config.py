@@ -258,6 +258,10 @@ class AcmeSection:
     ca_file: Path | None = None
     renew_before: float = 30 * 86400.0
     key_type: str = "ec256"
+    retry_initial: float = 60.0  # first delay after a failed order; doubles up to retry_max
+    retry_max: float = 6 * 3600.0
+    check_interval: float = 12 * 3600.0  # longest sleep between looks at the certificate
+    jitter: float = 3600.0  # renew up to this much earlier, so many homes do not renew at once
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,11 @@ class UpstreamSection:
     connect_timeout: float = 10.0
     ca_file: Path | None = None
     verify: bool = True
+    header_timeout: float = 20.0  # a request head must arrive within this (slowloris)
+    idle_timeout: float = 75.0  # keep-alive: wait this long for the next request
+    response_timeout: float = 300.0  # request sent -> response head, else 504
+    max_header_size: int = 65536  # request head bytes, else 431
+    pool_size: int = 8  # idle upstream connections kept for reuse
     # Derived from url, so code never re-parses it.
     scheme: str = field(init=False)
     host: str = field(init=False)
@@ -866,9 +875,20 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
                 "ca_file": optional_path,
                 "renew_before": _duration(),
                 "key_type": _choice(("ec256", "rsa2048")),
+                "retry_initial": _duration(),
+                "retry_max": _duration(),
+                "check_interval": _duration(),
+                "jitter": _duration(zero_ok=True),
             },
         )
     )
+    if acme.retry_max < acme.retry_initial:
+        raise ctx.error(
+            "acme",
+            "retry_max",
+            f"must not be shorter than retry_initial ({format_duration(acme.retry_initial)}),"
+            f" got {format_duration(acme.retry_max)}",
+        )
     upstream = UpstreamSection(
         **_section(
             ctx,
@@ -880,6 +900,11 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
                 "connect_timeout": _duration(),
                 "ca_file": optional_path,
                 "verify": _boolean,
+                "header_timeout": _duration(),
+                "idle_timeout": _duration(),
+                "response_timeout": _duration(),
+                "max_header_size": _integer(1024, 1024 * 1024),
+                "pool_size": _integer(0, 1024),
             },
         )
     )

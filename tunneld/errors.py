@@ -7,6 +7,20 @@ turn any of them into one clear line and an exit code, never a traceback.
 from __future__ import annotations
 
 
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a nursery's group (cancellations are only echoes).
+
+    Used once at each boundary (CLI, session attempt) so users see one
+    clear error, never an exception group.
+    """
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = first_error(exc)
+        if not exc.__class__.__name__ == "Cancelled":
+            return exc
+    return group
+
+
 class TunneldError(Exception):
     """Base of every error tunneld raises on purpose."""
 

@@ -1,9 +1,11 @@
-"""sd_notify over $NOTIFY_SOCKET (READY=1, STATUS=..., STOPPING=1) without libsystemd."""
+"""sd_notify over $NOTIFY_SOCKET without libsystemd: READY, STATUS, WATCHDOG, STOPPING."""
 
 from __future__ import annotations
 
 import os
 import socket
+
+import trio
 
 
 def notify(*lines: str) -> bool:
@@ -20,3 +22,32 @@ def notify(*lines: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec for this process, or None when not asked."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 1e6 / 2, 0.01)
+    except ValueError:
+        return None
+
+
+async def run_watchdog(
+    interval: float | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Ping WATCHDOG=1 from the event loop itself.
+
+    The pings depend on nothing but the loop running: a stalled loop stops
+    them (and systemd restarts us), a relay or internet outage never does.
+    """
+    period = interval if interval is not None else watchdog_interval()
+    task_status.started()
+    if period is None:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(period)

@@ -99,6 +99,7 @@ class World:
     procs: list[Proc] = field(default_factory=list)
     relay_port: int = 0
     app_port: int = 0
+    tunnel_port: int = 0  # where the daemon dials, when not the relay itself (fault proxy)
     relay_overrides: dict[str, Any] = field(default_factory=dict)
     home_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -203,7 +204,7 @@ class World:
     def write_home_config(self, token: str | None = None, **sections: dict[str, Any]) -> None:
         cfg: dict[str, dict[str, Any]] = {
             "relay": {
-                "url": f"wss://{RELAY_HOST}:{self.relay_port}/v1/tunnel",
+                "url": f"wss://{RELAY_HOST}:{self.tunnel_port or self.relay_port}/v1/tunnel",
                 "token": token if token is not None else self.issue_token(),
                 "ca_file": str(self.ca_file),
                 "connect_to": "127.0.0.1",
@@ -240,6 +241,26 @@ class World:
             )
         return proc
 
+    def start_fault_proxy(self) -> Proc:
+        """tests/faultproxy.py between daemon and relay; the daemon dials it."""
+        port_file = self.root / "proxy.port"
+        port_file.unlink(missing_ok=True)
+        proc = self.spawn(
+            "faultproxy",
+            [
+                PY,
+                "-m",
+                "tests.faultproxy",
+                "--target",
+                f"127.0.0.1:{self.relay_port}",
+                "--port-file",
+                str(port_file),
+            ],
+        )
+        wait_for(port_file.exists, what="fault proxy port file")
+        self.tunnel_port = int(port_file.read_text())
+        return proc
+
     def start_all(self) -> None:
         self.start_app()
         self.start_relay()
@@ -258,9 +279,14 @@ class World:
         return value if isinstance(value, dict) else None
 
     def home_status(self) -> dict[str, Any]:
-        status = self.status(self.home_config)
-        assert status is not None
-        return status
+        # A busy daemon may miss one status deadline; three misses is a failure.
+        for _ in range(3):
+            status = self.status(self.home_config, getattr(self, "home", None))
+            if status is not None:
+                return status
+            time.sleep(0.2)
+        result = tunneld("status", "-c", str(self.home_config), "--json", timeout=10)
+        raise AssertionError(f"no status: {result.returncode} {result.stdout} {result.stderr}")
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -281,7 +307,10 @@ class World:
         raw = socket.create_connection(
             ("127.0.0.1", self.relay_port), timeout=timeout, source_address=(source, 0)
         )
-        return self.client_context().wrap_socket(raw, server_hostname=sni)
+        # Like browsers and curl, a TCP end without TLS close_notify is an error.
+        return self.client_context().wrap_socket(
+            raw, server_hostname=sni, suppress_ragged_eofs=False
+        )
 
     def http_get(self, path: str, source: str = "127.0.0.1", timeout: float = 30) -> bytes:
         """One HTTP/1.0-style GET through the tunnel; returns the raw response."""

@@ -21,7 +21,7 @@ import trio_websocket
 
 from tunneld import __version__
 from tunneld.config import HomeConfig
-from tunneld.errors import ProtocolError, SessionRefused
+from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.transport.session import (
     MAX_MESSAGE_SIZE,
     RECEIVE_BUFFER,
@@ -132,15 +132,19 @@ class Connector:
                 self.state.next_retry = None
                 self.state.reconnects += 1
 
-    def stop(self) -> None:
-        """Send GOAWAY on every session (the relay stops routing to us)."""
+    async def shutdown(self) -> None:
+        """GOAWAY and a clean WebSocket close on every session (the caller bounds it)."""
         self._stopping = True
         self.state.state = "stopping"
-        for session in self.state.sessions:
+        sessions = list(self.state.sessions)
+        for session in sessions:
             try:
                 session.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "daemon shutting down"))
             except Exception:  # noqa: BLE001 - a closing session may refuse
                 pass
+            session.close("daemon shutting down")
+        for session in sessions:
+            await session.finished.wait()
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         return [
@@ -308,16 +312,8 @@ def _refusal(exc: Any) -> SessionRefused:
     return SessionRefused(exc.status_code, reason, detail or "no detail given")
 
 
-def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a nursery's group (cancellations are only echoes)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = first_error(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return group
-
-
 def _cause(exc: BaseException) -> str:
     inner = exc.__cause__ or exc.__context__ or exc
-    return str(inner) or type(inner).__name__
+    if isinstance(inner, BaseExceptionGroup):  # trio's "all attempts to connect failed"
+        inner = first_error(inner)
+    return getattr(inner, "strerror", None) or str(inner) or type(inner).__name__

@@ -12,10 +12,12 @@ import trio
 from tunneld import __version__
 from tunneld.config import HomeConfig
 from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
+from tunneld.errors import first_error
+from tunneld.home.acme import AcmeManager
 from tunneld.home.certs import CertificateStore
 from tunneld.home.connector import Connector
 from tunneld.home.streams import StreamHandler
-from tunneld.systemd import notify
+from tunneld.systemd import notify, run_watchdog
 
 log = logging.getLogger("tunneld.daemon")
 
@@ -44,7 +46,11 @@ class Daemon:
             router.add("GET", "/v1/status", self._status_endpoint)
             await root.start(serve_control, self.config.daemon.control_socket, router)
             await root.start(self.connector.run)
+            # Orders wait for the session: the CA reaches us only through the relay.
+            acme = AcmeManager(self.config, self.certs, ready=self._connected)
+            await root.start(acme.run)
             root.start_soon(self._notify_status)
+            root.start_soon(run_watchdog)
             notify("READY=1", "STATUS=connecting to the relay")
             log.info(
                 "tunneld %s serving %s via %s",
@@ -55,9 +61,9 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             notify("STOPPING=1")
-            self.connector.stop()
-            # Give the GOAWAY a moment to leave; open streams are cut.
-            await trio.sleep(0.2)
+            # The relay hears GOAWAY and a clean close; open streams are cut.
+            with trio.move_on_after(3):
+                await self.connector.shutdown()
             root.cancel_scope.cancel()
         log.info("stopped")
 
@@ -70,6 +76,9 @@ class Daemon:
                 notify(f"STATUS={line}")
                 last = line
             await trio.sleep(1)
+
+    def _connected(self) -> bool:
+        return self.connector.state.state == "connected"
 
     async def _status_endpoint(self, _: ControlRequest) -> ControlResponse:
         return ControlResponse.json(self.status())
@@ -100,6 +109,7 @@ class Daemon:
             "bytes": {"in": bytes_in, "out": bytes_out},
             "upstream": self.config.upstream.url,
             "certificate": self.certs.status(),
+            "warnings": self.certs.warnings(),
             "bans": [],
             "version": __version__,
         }
@@ -117,6 +127,9 @@ async def run_daemon(config: HomeConfig) -> int:
                     return
 
             nursery.start_soon(watch_signals)
-            await daemon.run()
+            try:
+                await daemon.run()
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             nursery.cancel_scope.cancel()
     return 0

@@ -1,4 +1,4 @@
-"""One client stream at home: limits, ClientHello, TLS termination, upstream pipe."""
+"""One client stream at home: limits, ClientHello, TLS termination, then the HTTP proxy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import trio
 
 from tunneld.config import HomeConfig
 from tunneld.home.certs import CertificateStore
+from tunneld.home.proxy import Proxy
+from tunneld.home.watchdog import Watchdog
 from tunneld.transport.prefixed import PrefixedStream
 from tunneld.transport.session import MuxStream
-from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly, splice
+from tunneld.transport.splice import STREAM_ERRORS, aclose_quietly
 from tunneld.wire.clienthello import ClientHello, parse_client_hello
 from tunneld.wire.events import ResetCode
 
@@ -31,15 +33,22 @@ class StreamStatistics:
 class StreamHandler:
     """Called by the session for every OPEN; owns nothing outside that call."""
 
-    def __init__(self, config: HomeConfig, certs: CertificateStore) -> None:
+    def __init__(
+        self, config: HomeConfig, certs: CertificateStore, watchdog: Watchdog | None = None
+    ) -> None:
         self.config = config
         self.certs = certs
+        self.watchdog = watchdog if watchdog is not None else Watchdog(config.watchdog)
+        self.proxy = Proxy(config.upstream, self.watchdog)
         self.active = 0
         self.total = 0
         self.refused = 0
         self.tls_failed = 0
-        self.upstream_failed = 0
         self._per_ip: Counter[str] = Counter()
+
+    @property
+    def upstream_failed(self) -> int:
+        return self.proxy.upstream_failed
 
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(
@@ -87,24 +96,13 @@ class StreamHandler:
             log.info("TLS handshake with %s failed: %s", ip, _describe(exc))
             stream.reset(ResetCode.TLS_FAILED)
             return
-        up = self.config.upstream
-        try:
-            with trio.fail_after(up.connect_timeout):
-                upstream = await trio.open_tcp_stream(up.host, up.port)
-        except (trio.TooSlowError, OSError) as exc:
-            self.upstream_failed += 1
-            log.warning("upstream %s unreachable for %s: %s", up.url, ip, _describe(exc))
-            stream.reset(ResetCode.UPSTREAM_FAILED)
-            return
-        clean = await splice(tls, upstream)
-        log.debug("stream %d from %s ended %s", stream.stream_id, ip, _END[clean])
-        if clean:
-            await aclose_quietly(upstream)
+        reset = await self.proxy.serve(tls, ip, stream.sni)
+        log.debug("stream %d from %s ended %s", stream.stream_id, ip, _END[reset is None])
+        if reset is None:
             await aclose_quietly(tls)
         else:
-            abort_socket(upstream)
-            await aclose_quietly(upstream)
-            stream.reset(ResetCode.CANCEL)
+            # Never a clean end for a cut exchange: the client must see an error.
+            stream.reset(reset)
 
     async def _read_client_hello(self, stream: MuxStream) -> tuple[ClientHello | None, bytes]:
         buf = bytearray()

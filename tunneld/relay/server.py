@@ -10,6 +10,7 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import h11
@@ -19,10 +20,10 @@ import trio_websocket
 from tunneld import __version__
 from tunneld.config import RelayConfig
 from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
-from tunneld.errors import ProtocolError, TokenError
+from tunneld.errors import ProtocolError, TokenError, first_error
 from tunneld.netaddr import normalize_ip
 from tunneld.relay.registry import HomeSession, Registry
-from tunneld.systemd import notify
+from tunneld.systemd import notify, run_watchdog
 from tunneld.tokens import (
     Claims,
     check_hostnames,
@@ -100,27 +101,35 @@ class Relay:
     # -- top level -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
-            await root.start(serve_control, self.cfg.control_socket, self._control_router())
             async with trio.open_nursery() as conns:
                 listener_scope = trio.CancelScope()
 
                 async def serve_public(task_status: trio.TaskStatus[None]) -> None:
+                    # The control socket goes with the listeners: a relay
+                    # that drains must not stop its successor from starting.
                     with listener_scope:
                         async with trio.open_nursery() as lst:
+                            await lst.start(
+                                serve_control, self.cfg.control_socket, self._control_router()
+                            )
                             for host, port in self.cfg.listen:
                                 listeners = await trio.open_tcp_listeners(port, host=host)
                                 for listener in listeners:
                                     sock = listener.socket
                                     self.listening.append(sock.getsockname()[:2])
+                                # Connections live in `conns`, so closing the
+                                # listeners at shutdown leaves them draining.
                                 await lst.start(
-                                    trio.serve_listeners,
+                                    partial(trio.serve_listeners, handler_nursery=conns),
                                     self._handle_client,
                                     listeners,
                                 )
                             for host, port in self.cfg.http_listen:
                                 listeners = await trio.open_tcp_listeners(port, host=host)
+                                # Connections live in `conns`, so closing the
+                                # listeners at shutdown leaves them draining.
                                 await lst.start(
-                                    trio.serve_listeners,
+                                    partial(trio.serve_listeners, handler_nursery=conns),
                                     self._handle_http,
                                     listeners,
                                 )
@@ -135,6 +144,7 @@ class Relay:
                     ", ".join(f"{h}:{p}" for h, p in self.listening),
                     __version__,
                 )
+                root.start_soon(run_watchdog)
                 notify("READY=1", f"STATUS=listening on {len(self.listening)} address(es)")
                 task_status.started()
                 await self._stop.wait()
@@ -151,6 +161,12 @@ class Relay:
                 with trio.move_on_after(self.cfg.drain_timeout):
                     for session in list(self.registry.sessions):
                         await session.mux.idle.wait()
+                # Close the WebSockets while their readers still run, so the
+                # close handshake completes instead of timing out.
+                with trio.move_on_after(3):
+                    for session in list(self.registry.sessions):
+                        session.mux.close("relay shutting down")
+                        await session.mux.finished.wait()
                 conns.cancel_scope.cancel()
             root.cancel_scope.cancel()
         log.info("relay stopped")
@@ -534,6 +550,9 @@ async def run_relay(config: RelayConfig) -> int:
                     return
 
             nursery.start_soon(watch_signals)
-            await relay.run()
+            try:
+                await relay.run()
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             nursery.cancel_scope.cancel()
     return 0

@@ -236,6 +236,7 @@ class MuxSession:
         self._pong = trio.Event()
         self.idle = trio.Event()  # set whenever no stream is open
         self.idle.set()
+        self.finished = trio.Event()  # set once run() has closed the WebSocket
 
     # -- handshake helpers (run before `run`) ---------------------------------
     async def send_now(self, event: ev.Event) -> None:
@@ -272,9 +273,13 @@ class MuxSession:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 try:
+                    # A GOAWAY queued just before close() still leaves.
+                    with trio.move_on_after(1):
+                        await self._flush()
                     await self._ws.aclose()
                 except Exception:  # noqa: BLE001 - closing a dead socket may fail any way
                     pass
+            self.finished.set()
 
     def close(self, reason: str) -> None:
         """End the session now (cancels its tasks; streams see an error)."""
@@ -383,10 +388,11 @@ class MuxSession:
     async def _writer(self) -> None:
         while True:
             await self._wake_writer.wait()
+            # Let every task made runnable with us queue its frames first, so
+            # they leave in one message instead of one message each.
+            await trio.lowlevel.checkpoint()
             self._wake_writer = trio.Event()
             await self._flush()
-            # Sending freed credit nowhere, but a stream waiting for the writer
-            # to drain is woken by Window events; nothing else to do here.
 
     async def _reader(self) -> None:
         import trio_websocket

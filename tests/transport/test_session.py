@@ -1,0 +1,267 @@
+"""MuxSession and MuxStream with two peers in memory (no sockets).
+
+A fake WebSocket built on trio memory channels stands in for trio-websocket;
+everything above it (mux, flow control, stream semantics) is the real code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from tunneld.transport.session import MuxSession, MuxStream
+from tunneld.wire import events as ev
+from tunneld.wire.mux import Connection, Role
+
+
+class FakeWebSocket:
+    """One end of an in-memory message pipe with trio-websocket's interface."""
+
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], recv: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        self._send = send
+        self._recv = recv
+        self.messages_sent = 0
+
+    async def get_message(self) -> bytes:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio_websocket.ConnectionClosed(
+                trio_websocket.CloseReason(1006, "gone")
+            ) from None
+
+    async def send_message(self, message: bytes) -> None:
+        try:
+            await self._send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise trio_websocket.ConnectionClosed(
+                trio_websocket.CloseReason(1006, "gone")
+            ) from None
+        self.messages_sent += 1
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        await self._send.aclose()
+        await self._recv.aclose()
+
+
+def ws_pair() -> tuple[FakeWebSocket, FakeWebSocket]:
+    a_send, b_recv = trio.open_memory_channel[bytes](4)
+    b_send, a_recv = trio.open_memory_channel[bytes](4)
+    return FakeWebSocket(a_send, a_recv), FakeWebSocket(b_send, b_recv)
+
+
+@dataclass
+class Pair:
+    relay: MuxSession
+    home: MuxSession
+    relay_ws: FakeWebSocket
+    home_ws: FakeWebSocket
+    nursery: trio.Nursery
+
+
+Handler = Callable[[MuxStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def session_pair(handler: Handler, window: int = 64 * 1024) -> AsyncIterator[Pair]:
+    relay_ws, home_ws = ws_pair()
+    relay = MuxSession(relay_ws, Connection(Role.RELAY, window=window), session_id="r")
+    home = MuxSession(home_ws, Connection(Role.HOME, window=window), on_open=handler)
+    await home.send_now(
+        ev.Hello(version="test", hostnames=("h.test",), window=window, max_streams=1000)
+    )
+    hello = await relay.receive_handshake()
+    assert isinstance(hello, ev.Hello)
+    await relay.send_now(
+        ev.Welcome(session_id="r", hostnames=("h.test",), window=window, ping_interval=20)
+    )
+    assert isinstance(await home.receive_handshake(), ev.Welcome)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        nursery.start_soon(home.run)
+        yield Pair(relay, home, relay_ws, home_ws, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: MuxStream) -> None:
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+    await stream.send_eof()
+    await stream.aclose()
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some():
+        out += data
+    return bytes(out)
+
+
+async def test_echo_with_half_close_and_flow_control() -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # far more than the 64 KiB window
+    with trio.fail_after(20):
+        async with session_pair(echo) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
+            received = b""
+
+            async def reader() -> None:
+                nonlocal received
+                received = await read_all(stream)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await stream.send_all(payload)
+                await stream.send_eof()
+            await stream.aclose()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            # Both sides forget the stream once both EOFs crossed.
+            with trio.fail_after(5):
+                await pair.home.idle.wait()
+                await pair.relay.idle.wait()
+
+
+async def test_open_carries_client_address() -> None:
+    seen: list[tuple[str, int, str]] = []
+
+    async def handler(stream: MuxStream) -> None:
+        seen.append((stream.client_ip, stream.client_port, stream.sni))
+        await stream.aclose()
+
+    with trio.fail_after(5):
+        async with session_pair(handler) as pair:
+            stream = pair.relay.open_stream("2001:db8::7", 443, "h.test")
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+    assert seen == [("2001:db8::7", 443, "h.test")]
+
+
+async def test_slow_reader_does_not_stall_other_streams() -> None:
+    gate = trio.Event()
+
+    async def handler(stream: MuxStream) -> None:
+        first = await stream.receive_some(1)
+        if first == b"S":  # the slow stream: stop reading until told
+            await gate.wait()
+        await stream.send_all(b"ok")
+        await stream.send_eof()
+        await read_all(stream)
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with session_pair(handler, window=32 * 1024) as pair:
+            slow = pair.relay.open_stream("192.0.2.1", 1, "h.test")
+            await slow.send_all(b"S")
+            # Fill the slow stream's window: the sender must block, not buffer.
+            blob = b"x" * (32 * 1024 - 1)
+            await slow.send_all(blob)
+            with trio.move_on_after(0.3) as blocked:
+                await slow.send_all(b"more")
+            assert blocked.cancelled_caught, "a sender must never exceed the window"
+            # Another stream still gets served at once.
+            fast = pair.relay.open_stream("192.0.2.2", 2, "h.test")
+            await fast.send_all(b"F")
+            assert await fast.receive_some() == b"ok"
+            gate.set()
+            assert await slow.receive_some() == b"ok"
+
+
+async def test_session_loss_breaks_every_stream() -> None:
+    started = trio.Event()
+
+    async def handler(stream: MuxStream) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        async with session_pair(handler) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 1, "h.test")
+            await stream.send_all(b"hello")
+            await started.wait()
+            pair.home.close("test: link cut")
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some()
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.send_all(b"more")
+
+
+async def test_handler_failure_resets_only_its_stream() -> None:
+    async def handler(stream: MuxStream) -> None:
+        if stream.client_port == 1:
+            raise RuntimeError("boom")
+        await echo(stream)
+
+    with trio.fail_after(5):
+        async with session_pair(handler) as pair:
+            bad = pair.relay.open_stream("192.0.2.1", 1, "h.test")
+            with pytest.raises(trio.BrokenResourceError, match="reset"):
+                await bad.receive_some()
+            good = pair.relay.open_stream("192.0.2.1", 2, "h.test")
+            await good.send_all(b"still here")
+            await good.send_eof()
+            assert await read_all(good) == b"still here"
+
+
+async def test_ping_measures_round_trip() -> None:
+    with trio.fail_after(5):
+        async with session_pair(echo) as pair:
+            rtt = await pair.home.ping()
+            assert 0 <= rtt < 5
+            assert pair.home.rtt == rtt
+
+
+async def test_goaway_reaches_the_home() -> None:
+    got: list[ev.Event] = []
+    arrived = trio.Event()
+
+    def on_event(event: ev.Event) -> None:
+        got.append(event)
+        arrived.set()
+
+    relay_ws, home_ws = ws_pair()
+    relay = MuxSession(relay_ws, Connection(Role.RELAY))
+    home = MuxSession(home_ws, Connection(Role.HOME), on_event=on_event)
+    with trio.fail_after(5):
+        await home.send_now(
+            ev.Hello(version="t", hostnames=("h.test",), window=256 * 1024, max_streams=1000)
+        )
+        await relay.receive_handshake()
+        await relay.send_now(
+            ev.Welcome(session_id="r", hostnames=("h.test",), window=256 * 1024, ping_interval=20)
+        )
+        await home.receive_handshake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            nursery.start_soon(home.run)
+            relay.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
+            await arrived.wait()
+            nursery.cancel_scope.cancel()
+    assert got == [ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session")]
+    assert home.going_away
+
+
+async def test_many_streams_coalesce_into_few_messages() -> None:
+    with trio.fail_after(10):
+        async with session_pair(echo) as pair:
+            streams = [pair.relay.open_stream("192.0.2.1", i, "h.test") for i in range(200)]
+            before = pair.relay_ws.messages_sent
+
+            async def client(s: MuxStream) -> None:
+                await s.send_all(b"ping")
+                await s.send_eof()
+                assert await read_all(s) == b"ping"
+
+            async with trio.open_nursery() as nursery:
+                for s in streams:
+                    nursery.start_soon(client, s)
+            # 200 concurrent OPEN+DATA+EOF triples share WebSocket messages.
+            assert pair.relay_ws.messages_sent - before < 100

@@ -1,0 +1,529 @@
+"""The HTTP/1.1 reverse proxy at home: one client connection, h11 on both sides.
+
+Per request: read the head (with a header timeout; smuggling refused), rewrite
+headers (`http.py`: hop-by-hop out, one true forwarded value each in), take an
+upstream connection from the pool, then run two tasks: the client side streams
+the request body upstream and afterwards keeps reading (bounded) so pipelined
+requests are buffered and a vanished client is noticed; the response side
+streams the response back. Bodies pass through chunk by chunk, never whole.
+A `101 Switching Protocols` turns the connection into a byte splice.
+
+`Proxy.serve` never raises for bad input or a bad peer: it answers 400/405/
+408/431/501/502/504 with a small page while no response has started, and
+otherwise reports that the client stream must be reset, so a cut response is
+never presented as complete.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import NoReturn
+
+import h11
+import trio
+
+from tunneld.config import UpstreamSection
+from tunneld.home.http import (
+    error_response,
+    forwarded_chain,
+    head_problem,
+    is_upgrade,
+    request_body_framing,
+    response_headers,
+    upstream_request_headers,
+)
+from tunneld.home.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from tunneld.home.watchdog import Watchdog
+from tunneld.netaddr import normalize_ip
+from tunneld.transport.splice import STREAM_ERRORS, splice
+from tunneld.wire.events import ResetCode
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger("tunneld.proxy")
+
+RECEIVE_SIZE = 64 * 1024
+ERROR_SEND_TIMEOUT = 5.0
+# After an early response (before the request body was all forwarded), how long
+# the rest of the body may take before the client connection is closed instead.
+BODY_GRACE = 1.0
+# Upstream failures that mean "this upstream connection is unusable".
+_UPSTREAM_ERRORS = (*STREAM_ERRORS, h11.ProtocolError)
+
+
+class _End(Exception):
+    """Stop serving this client connection: close it cleanly, or reset it."""
+
+    def __init__(self, reset: int | None) -> None:
+        super().__init__(reset)
+        self.reset = reset
+
+
+class _ClientGone(Exception):
+    """Sending to or receiving from the client failed: it is gone."""
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"  # response complete; keep-alive if h11 allows
+    CLOSE = "close"  # response complete; close the client connection cleanly
+    UPGRADED = "upgraded"  # 101 sent: splice bytes
+    ERROR = "error"  # nothing sent to the client yet: answer with an error page
+    RETRY = "retry"  # a pooled connection was dead before answering: try a new one
+    ABORT = "abort"  # reset the client stream
+
+
+class Proxy:
+    """Serves client connections (already TLS-terminated) against one upstream."""
+
+    def __init__(
+        self, config: UpstreamSection, watchdog: Watchdog, pool: UpstreamPool | None = None
+    ) -> None:
+        self.config = config
+        self.watchdog = watchdog
+        self.pool = pool if pool is not None else UpstreamPool(config)
+        self.requests = 0
+        self.upstream_failed = 0  # 502/504 answers and responses cut by the upstream
+
+    async def serve(self, client: trio.abc.Stream, client_ip: str, sni: str) -> int | None:
+        """Serve requests on `client` until it ends.
+
+        Returns None when the connection ended cleanly (the caller closes it),
+        else the RESET code the caller must abort the client stream with.
+        """
+        conn = _ClientConnection(self, client, client_ip, sni)
+        try:
+            await conn.run()
+        except _End as end:
+            return end.reset
+        except _ClientGone:
+            return ResetCode.CANCEL
+        return None
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+class _ClientConnection:
+    def __init__(self, proxy: Proxy, client: trio.abc.Stream, client_ip: str, sni: str) -> None:
+        self.proxy = proxy
+        self.config = proxy.config
+        self.client = client
+        # The relay already sends normalized addresses; this keeps the promise local.
+        self.client_ip = _normalized(client_ip)
+        self.sni = sni.encode("ascii", "replace")
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_size)
+        # The relay's address is the client for the whole connection, unless the
+        # peer is a trusted proxy: then each request's chain names its client.
+        self.trusted = proxy.watchdog.trusts(self.client_ip)
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            request = await self._read_request(first)
+            if request is None:
+                return
+            first = False
+            await self._handle(request)
+            self.h11.start_next_cycle()
+
+    # -- request heads ------------------------------------------------------
+    async def _read_request(self, first: bool) -> h11.Request | None:
+        """The next request head, or None when the client closed or idled out."""
+        conn = self.h11
+        buf = bytearray(conn.trailing_data[0])  # pipelined bytes already read
+        scanned = 0
+        started = bool(buf)
+        wait = self.config.header_timeout if first or started else self.config.idle_timeout
+        deadline = trio.current_time() + wait
+        eof = False
+        while True:
+            problem = head_problem(buf, self.config.max_header_size, scanned)
+            if problem is not None:
+                await self._refuse(*problem, self.client_ip)
+            scanned = len(buf)
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if eof:
+                    return None  # the client hung up halfway: nobody to answer
+                await self._refuse(exc.error_status_hint, str(exc), self.client_ip)
+            if isinstance(event, h11.Request):
+                return event
+            if event is not h11.NEED_DATA:
+                return None  # ConnectionClosed
+            with trio.move_on_at(deadline) as scope:
+                data = await self._receive(RECEIVE_SIZE)
+            if scope.cancelled_caught:
+                if not started:
+                    return None  # idle keep-alive connection: close quietly
+                await self._refuse(408, "request head too slow", self.client_ip)
+            conn.receive_data(data)
+            if not data:
+                eof = True
+            elif not started:
+                started = True
+                deadline = trio.current_time() + self.config.header_timeout
+            buf += data
+
+    async def _receive(self, max_bytes: int) -> bytes:
+        try:
+            return bytes(await self.client.receive_some(max_bytes))
+        except STREAM_ERRORS as exc:
+            raise _ClientGone() from exc
+
+    async def send_client(self, event: h11.Event) -> None:
+        """Frame one event for the client and send it (body chunks without a copy)."""
+        pieces = self.h11.send_with_data_passthrough(event)
+        if not pieces:
+            return
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if not data:
+            return
+        try:
+            await self.client.send_all(data)
+        except STREAM_ERRORS as exc:
+            raise _ClientGone() from exc
+
+    async def _refuse(
+        self, status: int, why: str, client_ip: str, *, head: bool = False
+    ) -> NoReturn:
+        """Answer `status` with a small page, then end the connection (raises _End)."""
+        if status >= 500:
+            log.warning("%d for %s: %s", status, client_ip, why)
+        else:
+            log.info("%d for %s: %s", status, client_ip, why)
+        response, body = error_response(status)
+        try:
+            data = self.h11.send(response) or b""
+            if not head:
+                data += self.h11.send(h11.Data(data=body)) or b""
+            data += self.h11.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            raise _End(ResetCode.CANCEL) from None  # a response already started
+        with trio.move_on_after(ERROR_SEND_TIMEOUT):
+            try:
+                await self.client.send_all(data)
+            except STREAM_ERRORS:
+                raise _End(ResetCode.CANCEL) from None
+            raise _End(None)
+        raise _End(ResetCode.CANCEL)
+
+    # -- one request ----------------------------------------------------------
+    async def _handle(self, request: h11.Request) -> None:
+        self.proxy.requests += 1
+        head = request.method == b"HEAD"
+        client_ip = self.client_ip
+        if self.trusted:
+            client_ip = self.proxy.watchdog.client_address(client_ip, forwarded_chain(request))
+        if request.method == b"CONNECT":
+            await self._refuse(405, "CONNECT request", client_ip)
+        chunked, length = request_body_framing(request)
+        bodyless = not chunked and not length
+        upgrade = is_upgrade(request)
+        host = next((v for n, v in request.headers if n == b"host"), b"") or self.sni
+        headers = upstream_request_headers(
+            request, client_ip, host, chunked=chunked, upgrade=upgrade
+        )
+        try:
+            upstream_request = h11.Request(
+                method=request.method, target=request.target, headers=headers
+            )
+        except h11.LocalProtocolError as exc:
+            await self._refuse(400, f"cannot forward the request: {exc}", client_ip)
+        if bodyless:
+            end = self.h11.next_event()  # no I/O: a body of length 0 is complete
+            assert isinstance(end, h11.EndOfMessage), end
+
+        attempts = 2 if bodyless else 1  # a dead pooled connection is retried once
+        for attempt in range(attempts):
+            try:
+                up = await self.proxy.pool.acquire()
+            except UpstreamError as exc:
+                self.proxy.upstream_failed += 1
+                await self._refuse(
+                    502, f"upstream {self.config.url} unreachable: {exc}", client_ip, head=head
+                )
+            exchange = _Exchange(self, up, upstream_request, bodyless=bodyless, ip=client_ip)
+            try:
+                outcome = await exchange.run()
+            except BaseException:  # cancelled from outside (session lost, shutdown)
+                with trio.CancelScope(shield=True):
+                    await up.abort()
+                raise
+            if outcome is _Outcome.RETRY and attempt + 1 < attempts:
+                log.debug("pooled upstream connection was closed; retrying on a new one")
+                await up.aclose()
+                await self.proxy.pool.aclose()  # its idle siblings are likely dead too
+                continue
+            await self._finish(exchange, outcome, head=head)
+            return
+
+    async def _finish(self, exchange: _Exchange, outcome: _Outcome, *, head: bool) -> None:
+        """Act on an exchange's outcome: keep going (return), or end (raise _End)."""
+        up = exchange.up
+        if outcome is _Outcome.UPGRADED:
+            await self._splice(up)
+        if outcome in (_Outcome.DONE, _Outcome.CLOSE):
+            await self.proxy.pool.release(up)
+            if outcome is _Outcome.CLOSE or not (
+                self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+            ):
+                raise _End(None)
+            return
+        await up.abort()
+        if outcome is _Outcome.ABORT:
+            raise _End(exchange.reset)
+        if outcome is _Outcome.RETRY:  # the second attempt failed the same way
+            exchange.status = 502
+            exchange.why = "upstream closed the connection without answering"
+        if exchange.status >= 500:
+            self.proxy.upstream_failed += 1
+        await self._refuse(exchange.status, exchange.why, exchange.ip, head=head)
+
+    async def _splice(self, up: UpstreamConnection) -> NoReturn:
+        """After 101: hand over what h11 already buffered, then copy bytes both ways."""
+        client_rest = self.h11.trailing_data[0]
+        upstream_rest = up.h11.trailing_data[0]
+        try:
+            if upstream_rest:
+                await self.client.send_all(upstream_rest)
+            if client_rest:
+                await up.stream.send_all(client_rest)
+        except STREAM_ERRORS:
+            await up.abort()
+            raise _End(ResetCode.CANCEL) from None
+        clean = await splice(self.client, up.stream)
+        if clean:
+            await up.aclose()
+            raise _End(None)
+        await up.abort()
+        raise _End(ResetCode.CANCEL)
+
+
+class _Exchange:
+    """One request/response over one upstream connection: two tasks, one outcome."""
+
+    def __init__(
+        self,
+        client: _ClientConnection,
+        up: UpstreamConnection,
+        request: h11.Request,
+        *,
+        bodyless: bool,
+        ip: str,
+    ) -> None:
+        self.c = client
+        self.up = up
+        self.request = request
+        self.bodyless = bodyless
+        self.ip = ip
+        self.config = client.config
+        self.outcome: _Outcome | None = None
+        self.status = 0
+        self.why = ""
+        self.reset: int = ResetCode.CANCEL
+        self.response_started = False
+        self.request_done = trio.Event()
+        self.body_abandoned = False  # the upstream stopped taking the request body
+        self.head_scope = trio.CancelScope()  # deadline set once the request is sent
+        self._nursery: trio.Nursery | None = None
+
+    def _stop(self, outcome: _Outcome, status: int = 0, why: str = "") -> None:
+        if self.outcome is None:
+            self.outcome, self.status, self.why = outcome, status, why
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _upstream_failed(self, why: str) -> None:
+        if self.response_started:
+            self.c.proxy.upstream_failed += 1
+            log.warning("upstream broke off a response to %s: %s", self.ip, why)
+            self.reset = ResetCode.UPSTREAM_FAILED
+            self._stop(_Outcome.ABORT)
+        elif self.up.reused and self.bodyless and self.up.bytes_in == 0:
+            self._stop(_Outcome.RETRY)
+        else:
+            self._stop(_Outcome.ERROR, 502, f"upstream failed: {why}")
+
+    def _request_sent(self) -> None:
+        self.request_done.set()
+        self.head_scope.deadline = trio.current_time() + self.config.response_timeout
+
+    async def run(self) -> _Outcome:
+        try:
+            await self.up.send(self.request)
+            if self.bodyless:
+                await self.up.send(h11.EndOfMessage())
+        except _UPSTREAM_ERRORS as exc:
+            self._upstream_failed(_describe(exc))
+        else:
+            if self.bodyless:
+                self._request_sent()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._client_side)
+                await self._response_side()
+                nursery.cancel_scope.cancel()
+        assert self.outcome is not None
+        return self.outcome
+
+    # -- client -> upstream -----------------------------------------------------
+    async def _client_side(self) -> None:
+        try:
+            if not self.bodyless and not await self._pump_body():
+                return
+            await self._watch_client()
+        except _ClientGone:
+            self._stop(_Outcome.ABORT)
+
+    async def _pump_body(self) -> bool:
+        """Stream the request body upstream; False when the exchange cannot go on.
+
+        One cancel scope for the whole body, its deadline moved before each wait
+        (cheaper than a scope per chunk): the client may pause `idle_timeout`
+        between chunks, the upstream may refuse bytes for `response_timeout`.
+        """
+        conn, up, config = self.c.h11, self.up, self.config
+        eof = False
+        waiting_for_client = True
+        with trio.CancelScope() as scope:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if eof or self.response_started:
+                        self._stop(_Outcome.ABORT)
+                    else:
+                        status = exc.error_status_hint
+                        self._stop(_Outcome.ERROR, status, f"bad request body: {exc}")
+                    return False
+                if event is h11.NEED_DATA:
+                    waiting_for_client = True
+                    scope.deadline = trio.current_time() + config.idle_timeout
+                    data = await self.c._receive(RECEIVE_SIZE)
+                    eof = not data
+                    conn.receive_data(data)
+                    continue
+                if not isinstance(event, h11.Data | h11.EndOfMessage):
+                    self._stop(_Outcome.ABORT)  # ConnectionClosed mid-body
+                    return False
+                waiting_for_client = False
+                scope.deadline = trio.current_time() + config.response_timeout
+                try:
+                    if isinstance(event, h11.Data):
+                        await up.send(event)
+                        continue
+                    await up.send(h11.EndOfMessage())
+                except _UPSTREAM_ERRORS:
+                    # The upstream stopped reading; it may still answer (early response).
+                    self.body_abandoned = True
+                    self.head_scope.deadline = trio.current_time() + config.response_timeout
+                    return False
+                self._request_sent()
+                return True
+        if self.response_started:
+            self._stop(_Outcome.ABORT)
+        elif waiting_for_client:
+            self._stop(_Outcome.ERROR, 408, "request body stalled")
+        else:
+            self._stop(_Outcome.ERROR, 504, "upstream stopped reading the request")
+        return False
+
+    async def _watch_client(self) -> None:
+        """Read ahead (bounded): buffers pipelined requests, notices a client that left."""
+        budget = self.config.max_header_size
+        while budget > 0:
+            data = await self.c._receive(min(budget, RECEIVE_SIZE))
+            self.c.h11.receive_data(data)
+            if not data:
+                return  # half-closed: the response is still wanted
+            budget -= len(data)
+
+    # -- upstream -> client -----------------------------------------------------
+    async def _response_side(self) -> None:
+        try:
+            await self._relay_response()
+        except _ClientGone:
+            self._stop(_Outcome.ABORT)
+        except _UPSTREAM_ERRORS as exc:
+            self._upstream_failed(_describe(exc))
+        except h11.LocalProtocolError as exc:  # the response cannot be framed for the client
+            log.warning("cannot forward the upstream's response to %s: %s", self.ip, exc)
+            self._stop(_Outcome.ABORT if self.response_started else _Outcome.ERROR, 502, str(exc))
+
+    async def _relay_response(self) -> None:
+        up, c = self.up, self.c
+        response: h11.Response | None = None
+        with self.head_scope:
+            while response is None:
+                event = await up.next_event()
+                if isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        await self._switch(event)
+                        return
+                    if c.h11.their_http_version != b"1.1":
+                        continue  # HTTP/1.0 clients never see 1xx (RFC 9110 15.2)
+                    self.response_started = True
+                    await c.send_client(
+                        h11.InformationalResponse(
+                            status_code=event.status_code,
+                            headers=response_headers(event),
+                            reason=event.reason,
+                        )
+                    )
+                else:
+                    raise h11.RemoteProtocolError(f"unexpected {event!r} before the response")
+        if response is None:
+            if self.response_started:  # a 1xx went out: too late for a 504 page
+                self._stop(_Outcome.ABORT)
+            else:
+                limit = self.config.response_timeout
+                self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
+            return
+        self.response_started = True  # from here on, failures can only reset the stream
+        await c.send_client(
+            h11.Response(
+                status_code=response.status_code,
+                headers=response_headers(response),
+                reason=response.reason,
+            )
+        )
+        while True:
+            event = await up.next_event()
+            if isinstance(event, h11.Data):
+                await c.send_client(event)
+            elif isinstance(event, h11.EndOfMessage):
+                await c.send_client(h11.EndOfMessage())
+                break
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {event!r} in the response body")
+        if not self.request_done.is_set() and not self.body_abandoned:
+            # Answered before the whole request body was forwarded: give the rest a
+            # moment, else close rather than wait for a body nobody reads.
+            with trio.move_on_after(BODY_GRACE):
+                await self.request_done.wait()
+        self._stop(_Outcome.DONE if self.request_done.is_set() else _Outcome.CLOSE)
+
+    async def _switch(self, event: h11.InformationalResponse) -> None:
+        self.response_started = True
+        await self.c.send_client(
+            h11.InformationalResponse(
+                status_code=101, headers=response_headers(event), reason=event.reason
+            )
+        )
+        self._stop(_Outcome.UPGRADED)
+
+
+def _normalized(ip: str) -> str:
+    try:
+        return normalize_ip(ip)
+    except ValueError:
+        return ip
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__

@@ -1,0 +1,185 @@
+"""Connections to the upstream app (`[upstream] url`), kept in a small pool.
+
+Each connection pairs a trio stream (TCP, or TLS for an https:// upstream)
+with an h11 client. A connection whose last exchange left both sides of h11
+DONE goes back to the pool; one that sits idle too long, or that the upstream
+closed meanwhile (readable while idle), is dropped instead of reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+from tunneld.config import UpstreamSection
+from tunneld.errors import TunneldError
+from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly
+
+__all__ = ["UpstreamConnection", "UpstreamError", "UpstreamPool", "upstream_ssl_context"]
+
+log = logging.getLogger("tunneld.upstream")
+
+RECEIVE_SIZE = 64 * 1024
+# Upstream response heads are trusted but still bounded (memory per connection).
+MAX_RESPONSE_HEAD = 256 * 1024
+# Servers close idle keep-alive connections after a while (aiohttp: 75 s); dropping
+# ours sooner avoids racing a request against that close.
+POOL_IDLE_TIMEOUT = 30.0
+
+Connect = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class UpstreamError(TunneldError):
+    """The upstream could not be reached (refused, unreachable, TLS failed, timed out)."""
+
+
+def upstream_ssl_context(config: UpstreamSection) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(
+        cafile=str(config.ca_file) if config.ca_file is not None else None
+    )
+    if not config.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class UpstreamConnection:
+    """One upstream connection and its h11 client state."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.reused = False
+        self.idle_since = 0.0
+        self.bytes_in = 0  # received in this exchange: a retry is only safe at 0
+
+    async def send(self, event: h11.Event) -> None:
+        """Frame one event with h11 and send it (body chunks without a copy)."""
+        pieces = self.h11.send_with_data_passthrough(event)
+        if not pieces:
+            return
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next event from the upstream (raises h11.RemoteProtocolError, STREAM_ERRORS)."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            self.bytes_in += len(data)
+            self.h11.receive_data(bytes(data))
+
+    @property
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def looks_closed(self) -> bool:
+        """An idle connection with anything to read (EOF, stray bytes) is unusable."""
+        fd = _fileno(self.stream)
+        if fd is None:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+
+    async def aclose(self) -> None:
+        await aclose_quietly(self.stream)
+
+    async def abort(self) -> None:
+        """Close with a TCP reset, so the upstream never takes a cut request as complete."""
+        if isinstance(self.stream, trio.SSLStream):
+            abort_socket(self.stream.transport_stream)
+            # No close_notify: that would tell the upstream the request ended cleanly.
+            await aclose_quietly(self.stream.transport_stream)
+        else:
+            abort_socket(self.stream)
+            await aclose_quietly(self.stream)
+
+
+def _fileno(stream: trio.abc.Stream) -> int | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        return int(sock.fileno())
+    except (OSError, ValueError):
+        return None
+
+
+class UpstreamPool:
+    """Hands out upstream connections; keeps up to `size` idle ones for reuse."""
+
+    def __init__(self, config: UpstreamSection, connect: Connect | None = None) -> None:
+        self.config = config
+        self.size = config.pool_size
+        self._connect = connect or self._open
+        self._idle: list[UpstreamConnection] = []
+        self._ssl: ssl.SSLContext | None = None
+        self.opened = 0  # connections made (statistics, tests)
+
+    async def acquire(self) -> UpstreamConnection:
+        """A pooled connection if a live one is idle, else a new one (raises UpstreamError)."""
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < POOL_IDLE_TIMEOUT and not conn.looks_closed():
+                conn.reused = True
+                return conn
+            await conn.aclose()
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                stream = await self._connect()
+        except trio.TooSlowError:
+            raise UpstreamError(
+                f"connecting took longer than {self.config.connect_timeout:g}s"
+            ) from None
+        except (*STREAM_ERRORS, ssl.SSLError) as exc:
+            cause = exc.__cause__ or exc
+            raise UpstreamError(str(cause) or type(cause).__name__) from None
+        self.opened += 1
+        return UpstreamConnection(stream)
+
+    async def release(self, conn: UpstreamConnection) -> None:
+        """Back to the pool when its exchange ended cleanly, else closed."""
+        if conn.reusable and len(self._idle) < self.size:
+            conn.h11.start_next_cycle()
+            conn.idle_since = trio.current_time()
+            conn.bytes_in = 0
+            self._idle.append(conn)
+            return
+        await conn.aclose()
+
+    async def aclose(self) -> None:
+        """Close the idle connections (also after one turned out dead: likely all are)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+    async def _open(self) -> trio.abc.Stream:
+        cfg = self.config
+        tcp = await trio.open_tcp_stream(cfg.host, cfg.port)
+        if cfg.scheme != "https":
+            return tcp
+        if self._ssl is None:
+            self._ssl = upstream_ssl_context(cfg)
+        tls = trio.SSLStream(tcp, self._ssl, server_hostname=cfg.host)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await aclose_quietly(tcp)
+            raise
+        return tls
