@@ -1,0 +1,483 @@
+"""tunneld benchmark: `python -m bench.run [--quick] [--profile]`.
+
+Starts a real relay, daemon and demo app on loopback (bench/world.py), drives them
+from separate client processes (bench/client.py) and compares each figure with
+its baseline measured in the same run: a demo app terminating TLS itself. Prints
+a table and one line `RESULT {json}`. `--profile` also samples the relay and the
+daemon with py-spy during a bulk download (bench/profile.py). See bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import profile
+from bench.client import Target, connect, get
+from bench.world import PY, CpuSampler, World, raise_nofile, rss_kib, wait_for
+from tunneld.demoapp import pattern_sha256
+
+MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {"bulk": 0.15, "rate": 0.50, "fairness": 3.0, "memory_kib": 64.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    bulk_bytes: int
+    bulk_runs: int
+    rate_conns: int
+    rate_seconds: float
+    rate_warmup: float
+    fair_conns: int
+    fair_think: float
+    fair_seconds: float
+    idle_streams: int
+    profile_seconds: int
+    perf_seconds: int
+
+
+FULL = Settings(256 * MIB, 3, 50, 10.0, 1.0, 4, 0.01, 8.0, 1000, 8, 5)
+QUICK = Settings(64 * MIB, 3, 50, 3.0, 0.5, 4, 0.01, 3.0, 1000, 4, 3)
+
+
+class Clients:
+    """Client processes; every one is killed by `stop_all` (called from a finally)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.running: list[subprocess.Popen[str]] = []
+
+    def start(self, tunnel: bool, spec: dict[str, Any]) -> subprocess.Popen[str]:
+        full = {**self.world.target(tunnel), **spec}
+        popen = subprocess.Popen(
+            [PY, "-m", "bench.client", json.dumps(full)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.running.append(popen)
+        return popen
+
+    def result(self, popen: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.communicate(timeout=5)
+            raise RuntimeError(f"bench client still running after {timeout:g}s") from None
+        finally:
+            self.running.remove(popen)
+        if popen.returncode != 0:
+            self.world.check_alive()
+            raise RuntimeError(f"bench client failed ({popen.returncode}): {err.strip()}")
+        value: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return value
+
+    def start_load(self, name: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+        """Start a background client through the tunnel; return once its bytes flow."""
+        ready = self.world.root / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        popen = self.start(True, {**spec, "ready_file": str(ready)})
+        wait_for(lambda: ready.exists() or popen.poll() is not None, 60, f"the {name} load")
+        if not ready.exists():
+            self.result(popen, 5)  # raises with the client's error
+        return popen
+
+    def run(self, tunnel: bool, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return self.result(self.start(tunnel, spec), timeout)
+
+    def stop_all(self) -> None:
+        for popen in self.running:
+            popen.kill()
+            popen.communicate(timeout=5)
+        self.running.clear()
+
+
+# ---------------------------------------------------------------------------
+# The measurements
+
+
+def sanity(world: World) -> None:
+    """Both paths answer correctly before anything is timed."""
+    n = 3 * MIB + 7
+    for tunnel in (True, False):
+        target = Target.from_spec(world.target(tunnel))
+        view = memoryview(bytearray(256 * 1024))
+        with connect(target, target.context()) as sock:
+            _, small = get(sock, target, "/small", view)
+            if small != b"hello tunnel\n":
+                raise RuntimeError(f"/small answered {small!r}")
+            _, digest = get(sock, target, f"/bytes-sha256?n={n}", view)
+            if digest.strip().decode() != pattern_sha256(n):
+                raise RuntimeError("/bytes-sha256 disagrees with the local pattern")
+
+
+def measure_memory(world: World, clients: Clients, s: Settings) -> dict[str, Any]:
+    """RSS of relay and daemon with `idle_streams` handshaken, silent connections vs none."""
+
+    def rss() -> dict[str, float]:
+        samples = []
+        for _ in range(3):
+            samples.append({n: rss_kib(world.procs[n].pid) for n in ("relay", "home")})
+            time.sleep(0.2)
+        return {n: statistics.median(x[n] for x in samples) for n in ("relay", "home")}
+
+    before = rss()
+    ready = world.root / "hold.ready"
+    ready.unlink(missing_ok=True)
+    hold = clients.start(True, {"mode": "hold", "conns": s.idle_streams, "ready_file": str(ready)})
+    wait_for(lambda: ready.exists() or hold.poll() is not None, 240, "idle streams")
+    if not ready.exists():
+        clients.result(hold, 5)  # raises with the client's error
+
+    def settled() -> bool:
+        active = world.home_status().get("streams", {}).get("active")
+        return active is None or active >= s.idle_streams
+
+    wait_for(settled, 60, "the daemon to count the idle streams")
+    time.sleep(1.0)
+    after = rss()
+    held = clients.result(hold, 60)  # closes its stdin: the client closes every connection
+    wait_for(
+        lambda: world.home_status().get("streams", {}).get("active", 0) == 0, 60, "streams to end"
+    )
+    n = s.idle_streams
+    out: dict[str, Any] = {"streams": n, "handshake_seconds": round(held["handshake_seconds"], 2)}
+    for name in ("home", "relay"):
+        out[f"{name}_kib_before"] = before[name]
+        out[f"{name}_kib_after"] = after[name]
+        out[f"{name}_kib_per_stream"] = round((after[name] - before[name]) / n, 2)
+    out["target_kib"] = TARGETS["memory_kib"]
+    out["pass"] = max(out["home_kib_per_stream"], out["relay_kib_per_stream"]) <= out["target_kib"]
+    return out
+
+
+def measure_bulk(
+    world: World, clients: Clients, sampler: CpuSampler, s: Settings
+) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"tunnel": [], "direct": []}
+    for _ in range(s.bulk_runs):
+        for tunnel in (True, False):
+            r = clients.run(tunnel, {"mode": "download", "size": s.bulk_bytes}, timeout=180)
+            r["cpu_seconds"] = sampler.seconds(r["t0"], r["t1"])
+            runs["tunnel" if tunnel else "direct"].append(r)
+    mib = s.bulk_bytes / MIB
+
+    def cpu_ms_per_mib(rs: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, float]:
+        out = {n: statistics.median(r["cpu_seconds"][n] for r in rs) * 1000 / mib for n in names}
+        out["client"] = statistics.median(r["cpu"] for r in rs) * 1000 / mib
+        return {n: round(v, 2) for n, v in out.items()}
+
+    tunnel = statistics.median(r["mbps"] for r in runs["tunnel"])
+    direct = statistics.median(r["mbps"] for r in runs["direct"])
+    return {
+        "bytes": s.bulk_bytes,
+        "runs": s.bulk_runs,
+        "tunnel_mbps": round(tunnel, 1),
+        "direct_mbps": round(direct, 1),
+        "ratio": round(tunnel / direct, 3),
+        "target_ratio": TARGETS["bulk"],
+        "pass": tunnel / direct >= TARGETS["bulk"],
+        "tunnel_runs_mbps": [round(r["mbps"], 1) for r in runs["tunnel"]],
+        "direct_runs_mbps": [round(r["mbps"], 1) for r in runs["direct"]],
+        "tunnel_cpu_ms_per_mib": cpu_ms_per_mib(runs["tunnel"], ("relay", "home", "app")),
+        "direct_cpu_ms_per_mib": cpu_ms_per_mib(runs["direct"], ("direct",)),
+        "cipher": runs["tunnel"][0]["cipher"],
+        "direct_cipher": runs["direct"][0]["cipher"],
+    }
+
+
+def measure_rate(
+    world: World, clients: Clients, sampler: CpuSampler, s: Settings
+) -> dict[str, Any]:
+    spec = {
+        "mode": "rate",
+        "conns": s.rate_conns,
+        "duration": s.rate_seconds,
+        "warmup": s.rate_warmup,
+        "path": "/small",
+    }
+    out: dict[str, Any] = {"conns": s.rate_conns, "seconds": s.rate_seconds}
+    for tunnel, key in ((True, "tunnel"), (False, "direct")):
+        r = clients.run(tunnel, spec, timeout=s.rate_seconds + s.rate_warmup + 120)
+        share = sampler.share(r["t0"], r["t1"])
+        names = ("relay", "home", "app") if tunnel else ("direct",)
+        out[f"{key}_rps"] = round(r["rate"], 1)
+        out[f"{key}_p50_ms"] = round(r["p50_ms"], 2)
+        out[f"{key}_p99_ms"] = round(r["p99_ms"], 2)
+        out[f"{key}_errors"] = r["errors"]
+        out[f"{key}_cpu_share"] = {n: round(share[n], 2) for n in names}
+        out[f"{key}_cpu_share"]["client"] = round(r["cpu"] / r["seconds"], 2)
+    out["ratio"] = round(out["tunnel_rps"] / out["direct_rps"], 3)
+    out["target_ratio"] = TARGETS["rate"]
+    out["pass"] = out["ratio"] >= TARGETS["rate"]
+    return out
+
+
+def measure_fairness(world: World, clients: Clients, s: Settings) -> dict[str, Any]:
+    """p99 of paced small requests through the tunnel, alone and beside a bulk download."""
+    probe = {
+        "mode": "rate",
+        "conns": s.fair_conns,
+        "duration": s.fair_seconds,
+        "warmup": 0.5,
+        "think": s.fair_think,
+        "path": "/small",
+    }
+    timeout = s.fair_seconds + 120
+    alone = clients.run(True, probe, timeout)
+    bulk = clients.start_load(
+        "bulk", {"mode": "download", "size": 16 * MIB, "duration": s.fair_seconds + 2.0}
+    )
+    loaded = clients.run(True, probe, timeout)
+    bulk_result = clients.result(bulk, timeout)
+    ratio = loaded["p99_ms"] / alone["p99_ms"]
+    return {
+        "conns": s.fair_conns,
+        "think_ms": s.fair_think * 1000,
+        "seconds": s.fair_seconds,
+        "p50_ms_alone": round(alone["p50_ms"], 2),
+        "p99_ms_alone": round(alone["p99_ms"], 2),
+        "p50_ms_with_bulk": round(loaded["p50_ms"], 2),
+        "p99_ms_with_bulk": round(loaded["p99_ms"], 2),
+        "requests_alone": alone["requests"],
+        "requests_with_bulk": loaded["requests"],
+        "bulk_mbps": round(bulk_result["mbps"], 1),
+        "ratio": round(ratio, 2),
+        "target_ratio": TARGETS["fairness"],
+        "pass": ratio <= TARGETS["fairness"],
+    }
+
+
+def run_profile(world: World, clients: Clients, s: Settings, out_dir: Path) -> dict[str, Any]:
+    """py-spy on the relay and the daemon under a bulk download, then under small requests."""
+    py_spy = profile.find_py_spy()
+    if py_spy is None:
+        raise RuntimeError("--profile needs py-spy: /work/venv/bin/pip install py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loads = {
+        "bulk": {"mode": "download", "size": 32 * MIB},
+        "small": {"mode": "rate", "conns": s.rate_conns, "warmup": 0.5, "path": "/small"},
+    }
+    out: dict[str, Any] = {"dir": str(out_dir)}
+    for load, spec in loads.items():
+        seconds = s.profile_seconds + s.perf_seconds + 3.0
+        client = clients.start_load(f"profile-{load}", {**spec, "duration": seconds})
+        recorders = {
+            name: profile.start_record(
+                py_spy, world.procs[name].pid, s.profile_seconds, out_dir / f"{name}-{load}.raw"
+            )
+            for name in ("relay", "home")
+        }
+        try:
+            for rec in recorders.values():
+                rec.wait(s.profile_seconds + 30)
+        finally:
+            for rec in recorders.values():
+                if rec.poll() is None:
+                    rec.kill()
+                    rec.wait(5)
+        perf_runs = {
+            name: profile.start_perf(
+                world.procs[name].pid, s.perf_seconds, out_dir / f"{name}-{load}.perf"
+            )
+            for name in ("relay", "home")
+        }
+        try:
+            for perf_run in perf_runs.values():
+                if perf_run is not None:
+                    perf_run.wait(s.perf_seconds + 30)
+        finally:
+            for perf_run in perf_runs.values():
+                if perf_run is not None and perf_run.poll() is None:
+                    perf_run.kill()
+                    perf_run.wait(5)
+        result = clients.result(client, seconds + 120)
+        figure = ("mbps", result["mbps"]) if load == "bulk" else ("rps", result["rate"])
+        out[load] = {figure[0]: round(figure[1], 1)}
+        for name in recorders:
+            raw = out_dir / f"{name}-{load}.raw"
+            if not raw.exists():
+                continue
+            summary = profile.summarize(raw)
+            print(profile.format_summary(f"{name}, {load} load", summary), flush=True)
+            out[load][name] = {
+                "samples": summary.samples,
+                "categories": {c: round(v, 3) for c, v in summary.categories},
+                "top_self": {f: round(v, 3) for f, v in summary.top_self},
+            }
+            data = out_dir / f"{name}-{load}.perf"
+            dsos = profile.perf_shares(data, "dso", 6)
+            if dsos:
+                syms = profile.perf_shares(data, "sym", 10)
+                print(profile.format_perf(f"{name}, {load} load", dsos, syms), flush=True)
+                out[load][name]["perf_dso"] = {d: round(v, 3) for d, v in dsos}
+                out[load][name]["perf_sym"] = {d: round(v, 3) for d, v in syms}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def table(r: dict[str, Any]) -> str:
+    b, q, f, m = r["bulk"], r["rate"], r["fairness"], r["memory"]
+    rows = [
+        ("figure", "tunnel", "baseline", "ratio", "target", "ok"),
+        (
+            f"bulk download MB/s ({b['bytes'] // MIB} MiB, median of {b['runs']})",
+            f"{b['tunnel_mbps']:.1f}",
+            f"{b['direct_mbps']:.1f} direct TLS",
+            f"{b['ratio']:.1%}",
+            f">= {b['target_ratio']:.0%}",
+            _ok(b["pass"]),
+        ),
+        (
+            f"GET /small req/s ({q['conns']} keep-alive conns, {q['seconds']:g} s)",
+            f"{q['tunnel_rps']:.0f}",
+            f"{q['direct_rps']:.0f} direct TLS",
+            f"{q['ratio']:.1%}",
+            f">= {q['target_ratio']:.0%}",
+            _ok(q["pass"]),
+        ),
+        (
+            "  latency p50 / p99 ms",
+            f"{q['tunnel_p50_ms']:.2f} / {q['tunnel_p99_ms']:.2f}",
+            f"{q['direct_p50_ms']:.2f} / {q['direct_p99_ms']:.2f}",
+            "",
+            "",
+            "",
+        ),
+        (
+            f"small p99 ms beside a bulk download ({f['conns']} conns)",
+            f"{f['p99_ms_with_bulk']:.2f}",
+            f"{f['p99_ms_alone']:.2f} no bulk",
+            f"{f['ratio']:.2f}x",
+            f"<= {f['target_ratio']:g}x",
+            _ok(f["pass"]),
+        ),
+        (
+            f"daemon KiB per idle stream ({m['streams']} streams)",
+            f"{m['home_kib_per_stream']:.1f}",
+            f"{m['home_kib_before'] / 1024:.1f} MiB at 0",
+            "",
+            f"<= {m['target_kib']:g}",
+            _ok(m["home_kib_per_stream"] <= m["target_kib"]),
+        ),
+        (
+            f"relay KiB per idle stream ({m['streams']} streams)",
+            f"{m['relay_kib_per_stream']:.1f}",
+            f"{m['relay_kib_before'] / 1024:.1f} MiB at 0",
+            "",
+            f"<= {m['target_kib']:g}",
+            _ok(m["relay_kib_per_stream"] <= m["target_kib"]),
+        ),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+
+    def cpu(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in d.items())
+
+    lines += [
+        "",
+        f"bulk CPU ms per MiB, tunnel: {cpu(b['tunnel_cpu_ms_per_mib'])}",
+        f"bulk CPU ms per MiB, direct: {cpu(b['direct_cpu_ms_per_mib'])}",
+        f"req/s CPU (1.0 = one core), tunnel: {cpu(q['tunnel_cpu_share'])}",
+        f"req/s CPU (1.0 = one core), direct: {cpu(q['direct_cpu_share'])}",
+        f"bulk download beside the probe: {f['bulk_mbps']:.1f} MB/s; "
+        f"TLS {b['cipher']} (tunnel) / {b['direct_cipher']} (direct); "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        f"1-min load average before/after: {r['loadavg_before']} / {r['loadavg_after']} "
+        "(anything else running on the machine skews every figure)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
+    parser.add_argument("--profile", action="store_true", help="also py-spy the bulk path")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "tunneld-bench-profile",
+        help="where the raw py-spy stacks go (speedscope.app opens them)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    raise_nofile()
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
+    world = World(root)
+    clients = Clients(world)
+    sampler: CpuSampler | None = None
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "loadavg_before": round(os.getloadavg()[0], 2),
+    }
+    try:
+        world.start_all()
+        sanity(world)
+        sampler = CpuSampler(world.pids())
+        sampler.start()
+
+        def step(name: str) -> None:
+            print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
+
+        step("memory: idle streams")
+        results["memory"] = measure_memory(world, clients, s)
+        step("bulk download")
+        results["bulk"] = measure_bulk(world, clients, sampler, s)
+        step("small requests")
+        results["rate"] = measure_rate(world, clients, sampler, s)
+        step("fairness")
+        results["fairness"] = measure_fairness(world, clients, s)
+        if args.profile:
+            step("profile")
+            results["profile"] = run_profile(world, clients, s, args.profile_dir)
+        world.check_alive()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        for proc in world.procs.values():
+            print(f"--- {proc.name} log tail:\n{proc.log_tail(10)}", file=sys.stderr)
+        return 1
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        clients.stop_all()
+        world.stop_all()
+        if args.keep:
+            print(f"work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["loadavg_after"] = round(os.getloadavg()[0], 2)
+    print(table(results))
+    print("RESULT " + json.dumps(results, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
