@@ -69,7 +69,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = tsub.add_parser("inspect", help="show a token's claims (never its signature)")
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
+    _add_bans_parser(sub)
+    _add_init_parser(sub)
     return parser
+
+
+def _add_init_parser(sub: Any) -> None:
+    p = sub.add_parser("init", help="write a commented config file (every key, with defaults)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the file to write")
+    p.add_argument("--role", choices=("home", "relay"), default="home")
+    p.add_argument("--relay", dest="relay_url", help="the relay's wss:// tunnel URL")
+    p.add_argument("--token", help="the token from `tunneld token issue`")
+    p.add_argument("--token-file", type=Path, help="a file holding the token instead")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        dest="hostnames",
+        help="a public hostname (repeat for more); for --role relay, the relay's own",
+    )
+    p.add_argument("--upstream", help="the local app, e.g. http://127.0.0.1:8123")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def _init(args: argparse.Namespace) -> int:
+    from tunneld.initconfig import init_command
+
+    print(
+        init_command(
+            args.output,
+            role=args.role,
+            relay_url=args.relay_url,
+            token=args.token,
+            token_file=args.token_file,
+            hostnames=args.hostnames,
+            upstream=args.upstream,
+            force=args.force,
+        )
+    )
+    return 0
+
+
+def _add_bans_parser(sub: Any) -> None:
+    bans = sub.add_parser("bans", help="list, add or remove client IP bans")
+    bsub = bans.add_subparsers(dest="bans_command", required=True, metavar="ACTION")
+    p = bsub.add_parser("list", help="the active bans")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p = bsub.add_parser("add", help="ban an address (or an IPv6 /64)")
+    p.add_argument("ip")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--duration", help='e.g. "24h"; "0" = until removed (default: ban_duration)')
+    p.add_argument("--reason", help="noted in the list and the log")
+    p.add_argument("--json", action="store_true", help="print the ban as JSON")
+    p = bsub.add_parser("remove", help="lift every ban covering an address")
+    p.add_argument("ip")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print the lifted bans as JSON")
+
+
+def _bans(args: argparse.Namespace) -> int:
+    from tunneld.home.banctl import bans_command
+
+    return bans_command(
+        args.config,
+        args.bans_command,
+        getattr(args, "ip", None),
+        duration=getattr(args, "duration", None),
+        reason=getattr(args, "reason", None),
+        as_json=args.json,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +179,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return demo_main(check=args.check, keep=args.keep, port=args.port)
     if cmd == "cert":
         return _cert_show(args.config, args.json)
+    if cmd == "bans":
+        return _bans(args)
+    if cmd == "init":
+        return _init(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
@@ -182,6 +255,15 @@ def _format_status(st: dict[str, Any]) -> str:
     if st.get("role") == "relay":
         lines.append(f"relay {st['hostname']}: {st['state']} (tunneld {st['version']})")
         lines.append(f"  listening   {', '.join(st['listen'])}")
+        if st.get("metrics_listen"):
+            lines.append(f"  metrics     http://{st['metrics_listen'][0]}/metrics")
+        if st.get("certificate"):
+            c = st["certificate"]
+            lines.append(f"  certificate {', '.join(c['sans'])}, expires {c['not_after']}")
+        if "streams" in st:
+            lines.append(
+                f"  streams     {st['streams']['active']} active, {st['streams']['total']} total"
+            )
         lines.append(f"  sessions    {len(st['sessions'])}")
         for s in st["sessions"]:
             gone = " (going away)" if s.get("going_away") else ""
@@ -190,6 +272,7 @@ def _format_status(st: dict[str, Any]) -> str:
                 f"streams {s['streams']['active']}/{s['streams']['total']}  "
                 f"from {s['peer']} since {s['connected_since']}{gone}"
             )
+        lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
         return "\n".join(lines)
     state = st["state"]
     if state == "connected":
@@ -201,19 +284,45 @@ def _format_status(st: dict[str, Any]) -> str:
     lines.append(f"tunneld {st['version']}: {head}")
     lines.append(f"  relay       {st['relay']}")
     lines.append(f"  hostnames   {', '.join(st['hostnames'])}")
-    lines.append(f"  upstream    {st.get('upstream', '')}")
+    lines.append(f"  upstream    {_upstream_text(st)}")
     if st.get("rtt_ms") is not None:
         lines.append(f"  ping        {st['rtt_ms']} ms")
     streams = st["streams"]
-    lines.append(f"  streams     {streams['active']} active, {streams['total']} total")
+    ws = f" ({streams['websockets']} WebSockets)" if streams.get("websockets") else ""
+    lines.append(f"  streams     {streams['active']} active{ws}, {streams['total']} total")
     lines.append(f"  bytes       {st['bytes']['in']} in, {st['bytes']['out']} out")
     cert = st.get("certificate")
     if cert:
         lines.extend(_certificate_lines(cert, "  certificate "))
     if st.get("last_error"):
         lines.append(f"  last error  {st['last_error']}")
+    token = st.get("token")
+    if token:
+        lines.append(
+            f"  token       {token['id']} ({token['subject']}), expires {token['expires_at']} "
+            f"({token['days_left']} days left)"
+        )
+    if st.get("metrics_listen"):
+        lines.append(f"  metrics     http://{st['metrics_listen'][0]}/metrics")
+    bans = st.get("bans") or []
+    lines.append(f"  bans        {len(bans)}")
+    lines.extend(
+        f"    {b['ip']}  " + (f"until {b['until']}" if b.get("until") else "permanent")
+        for b in bans[:20]
+    )
+    if len(bans) > 20:
+        lines.append(f"    ... and {len(bans) - 20} more (tunneld bans list)")
     lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
+
+
+def _upstream_text(st: dict[str, Any]) -> str:
+    check = st.get("upstream_check") or {}
+    if check.get("reachable") is None:
+        return str(st.get("upstream", ""))
+    if check["reachable"]:
+        return f"{check['url']} (reachable at {check['checked_at']})"
+    return f"{check['url']} (UNREACHABLE at {check['checked_at']}: {check['error']})"
 
 
 def _certificate_lines(cert: dict[str, Any], head: str) -> list[str]:

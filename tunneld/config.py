@@ -216,6 +216,9 @@ class RelaySection:
     max_streams_per_session: int = 1000
     stream_window: int = 262144
     max_connections_per_ip: int = 256
+    raw_transport: bool = True  # allow the tunneld-raw.1 transport (frames without WS framing)
+    connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
+    metrics_listen: Listen | None = None  # Prometheus /metrics over TCP; None = off
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ class WatchdogSection:
     never_ban: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_streams_per_ip: int = 64
+    ipv6_prefix: int = 128  # 64: an IPv6 client is banned with its whole /64
 
 
 @dataclass(frozen=True)
@@ -521,6 +525,14 @@ def _statuses(value: object) -> tuple[int, ...]:
         if not 100 <= v <= 599:
             raise _Invalid(f"expected HTTP status codes from 100 to 599, got {v}")
     return tuple(dict.fromkeys(value))
+
+
+def _ipv6_prefix(value: object) -> int:
+    # Only these two: the relay matches a ban on an address or on a whole /64 (PROTOCOL.md).
+    if isinstance(value, bool) or value not in (64, 128):
+        raise _Invalid(f"expected 128 (one address) or 64 (its /64 network), got {_show(value)}")
+    assert isinstance(value, int)
+    return value
 
 
 def _ws_url(value: object) -> str:
@@ -784,6 +796,9 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "max_streams_per_session": _integer(1),
             "stream_window": _integer(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
             "max_connections_per_ip": _integer(0),
+            "connections_per_ip_per_second": _integer(0),
+            "metrics_listen": _optional_listen,
+            "raw_transport": _boolean,
         },
     )
     return RelayConfig(path=Path(ctx.label).absolute(), relay=RelaySection(**values))
@@ -924,6 +939,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
                 "never_ban": networks,
                 "trusted_proxies": networks,
                 "max_streams_per_ip": _integer(1),
+                "ipv6_prefix": _ipv6_prefix,
             },
         )
     )

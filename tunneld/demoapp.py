@@ -39,7 +39,16 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["CHUNK_SIZE", "MAX_BYTES", "main", "pattern", "pattern_sha256", "serve_app"]
+__all__ = [
+    "CHUNK_SIZE",
+    "LOGIN_PASSWORD",
+    "LOGIN_USER",
+    "MAX_BYTES",
+    "main",
+    "pattern",
+    "pattern_sha256",
+    "serve_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,11 @@ CHUNK_SIZE = 64 * 1024
 MAX_BYTES = 8 * 1024**3
 MAX_WS_MESSAGE = 16 * 1024**2
 MAX_SLOW_DELAY = 600.0
+# The login flow mimics Home Assistant's (`POST /auth/login_flow/<flow id>`), so the
+# watchdog's failed-login detection can be tried end to end.
+LOGIN_USER = "demo"
+LOGIN_PASSWORD = "demo-password"
+MAX_LOGIN_BODY = 64 * 1024
 RECEIVE_SIZE = 64 * 1024
 # The pattern repeats with an odd period, so a proxy that drops, duplicates or
 # reorders power-of-two sized pieces changes the hash instead of hiding in the repetition.
@@ -238,6 +252,8 @@ class _HttpConnection:
         route = _ROUTES.get(path)
         if route is None and path.startswith("/status/"):
             route = _status_route
+        if route is None and path.startswith("/auth/login_flow/"):
+            route = _login_step_route
         if route is None:
             await self.drain()
             await self.respond(404, b"not found\n")
@@ -248,7 +264,7 @@ class _HttpConnection:
             allow = b", ".join(sorted(methods))
             await self.respond(405, b"method not allowed\n", extra=[(b"allow", allow)])
             return
-        if handler is not _upload:
+        if handler is not _upload and handler is not _login_step:
             await self.drain()
         try:
             query = parse_qs(split.query, keep_blank_values=True)
@@ -354,6 +370,60 @@ async def _slow(c: _HttpConnection, request: h11.Request, query: dict[str, list[
         raise _BadRequest(f"delay must be between 0 and {MAX_SLOW_DELAY:g}")
     await trio.sleep(delay)
     await c.respond(200, f"slept {delay:g}s\n".encode())
+
+
+_LOGIN_FORM = {
+    "type": "form",
+    "handler": ["homeassistant", None],
+    "step_id": "init",
+    "data_schema": [
+        {"type": "string", "name": "username", "required": True},
+        {"type": "string", "name": "password", "required": True},
+    ],
+    "description_placeholders": None,
+    "last_step": None,
+}
+
+
+async def _login_start(
+    c: _HttpConnection, request: h11.Request, query: dict[str, list[str]]
+) -> None:
+    """`POST /auth/login_flow`: a new flow, answered like Home Assistant (no errors yet)."""
+    await c.respond_json(200, {**_LOGIN_FORM, "flow_id": os.urandom(16).hex(), "errors": {}})
+
+
+async def _login_step(
+    c: _HttpConnection, request: h11.Request, query: dict[str, list[str]]
+) -> None:
+    """`POST /auth/login_flow/<id>` with `{"username", "password"}`: 200 either way, as
+    Home Assistant answers; a wrong password is `"errors": {"base": "invalid_auth"}`."""
+    flow_id = urlsplit(request.target.decode("latin-1")).path.rsplit("/", 1)[1]
+    body = bytearray()
+    async for chunk in c.body():
+        body += chunk
+        if len(body) > MAX_LOGIN_BODY:
+            raise _BadRequest("login body too large")
+    try:
+        creds = json.loads(body)
+    except ValueError:
+        raise _BadRequest("expected a JSON body") from None
+    if not isinstance(creds, dict):
+        raise _BadRequest("expected a JSON object")
+    if creds.get("username") == LOGIN_USER and creds.get("password") == LOGIN_PASSWORD:
+        result = {
+            "type": "create_entry",
+            "flow_id": flow_id,
+            "handler": ["homeassistant", None],
+            "result": os.urandom(16).hex(),
+            "description": None,
+            "description_placeholders": None,
+            "version": 1,
+        }
+        await c.respond_json(200, result)
+        return
+    await c.respond_json(
+        200, {**_LOGIN_FORM, "flow_id": flow_id, "errors": {"base": "invalid_auth"}}
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -474,10 +544,12 @@ _ROUTES: dict[str, tuple[frozenset[bytes], _Handler]] = {
     "/bytes-sha256": (_GET, _bytes_sha256),
     "/upload": (_POST, _upload),
     "/slow": (_GET, _slow),
+    "/auth/login_flow": (_POST, _login_start),
     "/ws/echo": (frozenset({b"GET"}), _websocket_route(_WebSocket.echo)),
     "/ws/counter": (frozenset({b"GET"}), _websocket_route(_WebSocket.counter)),
 }
 _status_route: tuple[frozenset[bytes], _Handler] = (_GET, _status)
+_login_step_route: tuple[frozenset[bytes], _Handler] = (_POST, _login_step)
 
 
 # ---------------------------------------------------------------------------

@@ -229,3 +229,17 @@ def test_token_refusals_are_shown_to_the_user(world: World, case: str, reason: s
     assert token not in json.dumps(st)
     assert token not in world.home.log()
     assert token not in world.relay.log()
+
+
+def test_plain_websocket_transport_when_the_relay_disables_raw(world: World) -> None:
+    world.start_app()
+    world.start_relay(raw_transport=False)
+    world.start_home()
+    assert "websocket transport" in world.relay.log()
+    n = 8 * 1024 * 1024
+    status, _, body = split_response(world.http_get(f"/bytes?n={n}&seed=2"))
+    assert status == 200 and hashlib.sha256(body).hexdigest() == _sha(n, 2)
+
+
+def test_raw_transport_is_the_default(running: World) -> None:
+    assert "raw transport" in running.relay.log()

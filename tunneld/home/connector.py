@@ -7,24 +7,23 @@ so a relay restart costs no new connection more than the reconnect time.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import random
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
-import trio_websocket
 
 from tunneld import __version__
 from tunneld.config import HomeConfig
 from tunneld.errors import ProtocolError, SessionRefused, first_error
+from tunneld.home.bans import BanList
+from tunneld.transport.channel import ChannelClosed, open_channel
 from tunneld.transport.session import (
-    MAX_MESSAGE_SIZE,
-    RECEIVE_BUFFER,
     MuxSession,
     StreamHandler,
 )
@@ -35,6 +34,7 @@ from tunneld.wire.mux import Connection, Role
 log = logging.getLogger("tunneld.connector")
 
 TUNNEL_PATH = "/v1/tunnel"
+BAN_CHUNK = 4096  # BAN entries per frame: well under the 1 MiB frame limit
 
 
 @dataclass
@@ -46,6 +46,8 @@ class SessionOutcome:
     goaway: int | None = None  # GOAWAY code received
     refused: SessionRefused | None = None
     error: str | None = None
+    renew: bool = False  # replaced on purpose (reload): drains once the next one is up
+    drain: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -78,34 +80,63 @@ def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class Connector:
-    def __init__(self, config: HomeConfig, handler: StreamHandler) -> None:
+    def __init__(
+        self, config: HomeConfig, handler: StreamHandler, bans: BanSource | None = None
+    ) -> None:
         self.config = config
         self.cfg = config.relay
         self.handler = handler
         self.state = ConnectorState()
-        url = urlsplit(self.cfg.url)
-        self._host = url.hostname or ""
-        self._secure = url.scheme == "wss"
-        self._port = url.port or (443 if self._secure else 80)
-        self._path = url.path or TUNNEL_PATH
-        self._ssl: ssl.SSLContext | None = (
-            client_ssl_context(str(self.cfg.ca_file) if self.cfg.ca_file else None)
-            if self._secure
-            else None
-        )
+        self.reconfigure(config)
         self._stopping = False
         self.connected = trio.Event()  # set once the first session is up
+        self._bans = bans
+        if bans is not None:
+            bans.bans.listeners.append(self.push_bans)
+        self._current: SessionOutcome | None = None
+        self._renewing: list[SessionOutcome] = []  # sessions to drain once a new one is up
+        self._wake = trio.Event()  # ends a reconnect delay early
+
+    def reconfigure(self, config: HomeConfig) -> None:
+        """Use `config` from the next connection attempt on (reload); raises (and changes
+        nothing) if the new relay CA file cannot be loaded."""
+        url = urlsplit(config.relay.url)
+        secure = url.scheme == "wss"
+        ca_file = config.relay.ca_file
+        context = client_ssl_context(str(ca_file) if ca_file else None) if secure else None
+        self.config, self.cfg = config, config.relay
+        self._host = url.hostname or ""
+        self._secure = secure
+        self._port = url.port or (443 if secure else 80)
+        self._path = url.path or TUNNEL_PATH
+        self._ssl: ssl.SSLContext | None = context
+
+    def renew(self) -> None:
+        """Open a fresh session now (new hostnames, token, relay); the current one keeps
+        serving until the fresh one is up, then drains its open streams."""
+        current = self._current
+        if current is None or current.done.is_set():
+            self._wake.set()  # waiting to reconnect: do it now, with the new config
+            return
+        if not current.renew:
+            current.renew = True
+            self._renewing.append(current)
+        if current.connected_at is not None:
+            current.done.set()  # the run loop starts the next session at once
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         failures = 0
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                outcome = SessionOutcome()
+                outcome = self._current = SessionOutcome()
                 nursery.start_soon(self._session, outcome)
                 await outcome.done.wait()
                 if self._stopping:
                     return
+                if outcome.renew and outcome.error is None:
+                    failures = 0
+                    continue  # reload: the next session now, this one drains after
                 if outcome.goaway is not None and outcome.goaway != ev.ResetCode.REPLACED:
                     failures = 0
                     continue  # the relay is draining us: next session now
@@ -116,19 +147,23 @@ class Connector:
                 if stable:
                     failures = 0
                 failures += 1
+                # A session kept from before a reload may still serve: then stay connected.
+                serving = any(not o.drain.is_set() for o in self._renewing)
                 if outcome.refused is not None and outcome.refused.reason == "version_blocked":
                     delay = self.cfg.blocked_retry
-                    self.state.state = "blocked"
+                    self.state.state = "connected" if serving else "blocked"
                 else:
                     # Full jitter: fast first retries, spread out, capped.
                     ceiling = min(
                         self.cfg.backoff_max, self.cfg.backoff_initial * 2 ** (failures - 1)
                     )
                     delay = random.uniform(0, ceiling)
-                    self.state.state = "connecting"
+                    self.state.state = "connected" if serving else "connecting"
                 self.state.next_retry = time.time() + delay
                 log.info("reconnecting in %.1fs", delay)
-                await trio.sleep(delay)
+                self._wake = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
                 self.state.next_retry = None
                 self.state.reconnects += 1
 
@@ -146,12 +181,17 @@ class Connector:
         for session in sessions:
             await session.finished.wait()
 
-    def _headers(self) -> list[tuple[bytes, bytes]]:
+    def push_bans(self, entries: tuple[ev.BanEntry, ...], replace: bool = False) -> None:
+        """Send ban changes (or with `replace`, the whole list) to every live session."""
+        for session in list(self.state.sessions):
+            _send_bans(session, entries, replace=replace)
+
+    def _headers(self) -> list[tuple[str, str]]:
         return [
-            (b"Authorization", b"Bearer " + self.cfg.token.encode()),
-            (b"Tunneld-Version", __version__.encode()),
-            (b"Tunneld-Hostnames", ", ".join(self.config.tls.hostnames).encode()),
-            (b"User-Agent", f"tunneld/{__version__}".encode()),
+            ("Authorization", "Bearer " + self.cfg.token),
+            ("Tunneld-Version", __version__),
+            ("Tunneld-Hostnames", ", ".join(self.config.tls.hostnames)),
+            ("User-Agent", f"tunneld/{__version__}"),
         ]
 
     async def _session(self, outcome: SessionOutcome) -> None:
@@ -159,16 +199,12 @@ class Connector:
             try:
                 await self._connect_and_serve(outcome)
             except BaseExceptionGroup as group:
-                # trio-websocket raises the relay's refusal from its reader task.
                 raise first_error(group) from None
         except SessionRefused as exc:
             outcome.refused = exc
             outcome.error = str(exc)
-        except trio_websocket.ConnectionRejected as exc:
-            outcome.refused = _refusal(exc)
-            outcome.error = str(outcome.refused)
-        except trio_websocket.HandshakeError as exc:
-            outcome.error = f"cannot connect to {self._host}:{self._port}: {_cause(exc)}"
+        except ChannelClosed as exc:
+            outcome.error = f"connection to {self._host}:{self._port} failed: {exc}"
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             outcome.error = f"connection to {self._host}:{self._port} failed: {_cause(exc)}"
         except trio.TooSlowError:
@@ -182,6 +218,8 @@ class Connector:
                 if outcome.connected_at is None:
                     log.warning("session failed: %s", outcome.error)
                 self.state.last_error = outcome.error
+            if outcome in self._renewing:
+                self._renewing.remove(outcome)
             outcome.done.set()
 
     async def _connect_and_serve(self, outcome: SessionOutcome) -> None:
@@ -199,31 +237,24 @@ class Connector:
                 stream = trio.SSLStream(tcp, self._ssl, server_hostname=self._host)
                 with trio.fail_after(timeout):
                     await stream.do_handshake()
-            async with trio.open_nursery() as nursery:
-                with trio.fail_after(timeout):
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        stream,  # type: ignore[arg-type]
-                        self._host if self._port in (80, 443) else f"{self._host}:{self._port}",
-                        self._path,
-                        extra_headers=self._headers(),
-                        max_message_size=MAX_MESSAGE_SIZE,
-                        receive_buffer_size=RECEIVE_BUFFER,
-                    )
-                await self._serve(ws, outcome)
-                nursery.cancel_scope.cancel()
+            host = self._host if self._port in (80, 443) else f"{self._host}:{self._port}"
+            with trio.fail_after(timeout):
+                channel = await open_channel(stream, host, self._path, self._headers())
+            await self._serve(channel, outcome)
         finally:
             await aclose_quietly(stream)
 
     async def _serve(self, ws: Any, outcome: SessionOutcome) -> None:
         daemon = self.config.daemon
         conn = Connection(Role.HOME, window=daemon.stream_window, max_streams=daemon.max_streams)
-        drain = trio.Event()
+        drain = outcome.drain
 
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.GoAway):
                 outcome.goaway = event.code
-                if event.code == ev.ResetCode.REPLACED:
+                if outcome.renew:
+                    log.info("session %s: replaced by the reloaded one, draining", mux.session_id)
+                elif event.code == ev.ResetCode.REPLACED:
                     self.state.replaced = True
                     self.state.last_error = "replaced by another session"
                     log.warning("session %s replaced by another session", mux.session_id)
@@ -250,8 +281,17 @@ class Connector:
         st = self.state
         st.state, st.session_id, st.connected_since = "connected", welcome.session_id, time.time()
         st.last_error, st.replaced = None, False
+        # The full ban list first, in the same step that makes the session visible
+        # to push_bans: no change can fall between the two.
+        if self._bans is not None:
+            _send_bans(mux, self._bans.ban_entries(), replace=True)
         st.sessions.append(mux)
         self.connected.set()
+        for old in self._renewing:
+            if old is not outcome:
+                old.drain.set()  # the fresh session is up: the one it replaces drains
+        if outcome.renew:
+            outcome.done.set()  # renewed while connecting: it carries the old config
         log.info(
             "connected to %s as session %s for %s",
             self.cfg.url,
@@ -267,15 +307,27 @@ class Connector:
                     with trio.fail_after(self.cfg.ping_timeout):
                         st.rtt = await mux.ping()
                 except trio.TooSlowError:
-                    log.warning("no PONG within %gs: session is dead", self.cfg.ping_timeout)
-                    mux.close(f"no answer to ping within {self.cfg.ping_timeout:g}s")
+                    reason = f"no answer to ping within {self.cfg.ping_timeout:g}s"
+                    log.warning("%s: session %s is dead", reason, mux.session_id)
+                    # Status tells the truth now, not after the close completes.
+                    if st.session_id == mux.session_id:
+                        st.state, st.last_error = "connecting", f"session lost: {reason}"
+                    mux.close(reason)
                     return
                 except trio.BrokenResourceError:
                     return
 
         async def drainer() -> None:
             await drain.wait()
-            with trio.move_on_after(self.cfg.drain_timeout):
+            if outcome.renew:
+                # Reload: the relay routes nothing new here, and the open streams (a
+                # WebSocket may last hours) finish however long they take; pings still
+                # watch the link.
+                try:
+                    mux.send(ev.GoAway(ev.ResetCode.NO_ERROR, "config reloaded"))
+                except Exception:  # noqa: BLE001 - a closing session may refuse
+                    pass
+            with trio.move_on_after(math.inf if outcome.renew else self.cfg.drain_timeout):
                 await mux.idle.wait()
                 while mux.streams_active:
                     await mux.idle.wait()
@@ -297,19 +349,27 @@ class Connector:
                 st.connected_since = None
             reason = mux.close_reason or "closed"
             log.info("session %s ended: %s", mux.session_id, reason)
-            if outcome.goaway is None and not self._stopping:
+            if outcome.goaway is None and not outcome.renew and not self._stopping:
                 outcome.error = f"session lost: {reason}"
 
 
-def _refusal(exc: Any) -> SessionRefused:
-    reason, detail = "refused", ""
+class BanSource(Protocol):
+    """What the connector needs of the watchdog: the list, and where changes are announced."""
+
+    @property
+    def bans(self) -> BanList: ...
+
+    def ban_entries(self) -> tuple[ev.BanEntry, ...]: ...
+
+
+def _send_bans(session: MuxSession, entries: tuple[ev.BanEntry, ...], *, replace: bool) -> None:
+    # A list too long for one frame goes as a replacing frame plus added ones.
+    chunks = [entries[i : i + BAN_CHUNK] for i in range(0, len(entries), BAN_CHUNK)] or [()]
     try:
-        body = json.loads(exc.body or b"{}")
-        reason = str(body.get("reason", reason))
-        detail = str(body.get("detail", ""))
-    except (ValueError, AttributeError):
-        detail = (exc.body or b"")[:200].decode("utf-8", "replace")
-    return SessionRefused(exc.status_code, reason, detail or "no detail given")
+        for i, chunk in enumerate(chunks):
+            session.send(ev.Ban(chunk, replace=replace and i == 0))
+    except Exception as exc:  # noqa: BLE001 - a closing session; the next one gets the full list
+        log.debug("could not send bans on session %s: %r", session.session_id, exc)
 
 
 def _cause(exc: BaseException) -> str:

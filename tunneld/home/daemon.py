@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import trio
@@ -14,9 +15,16 @@ from tunneld.config import HomeConfig
 from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
 from tunneld.errors import first_error
 from tunneld.home.acme import AcmeManager
+from tunneld.home.banctl import add_ban_routes
+from tunneld.home.bans import BANS_FILE, BanFile, BanList
 from tunneld.home.certs import CertificateStore
 from tunneld.home.connector import Connector
+from tunneld.home.health import HealthChecks, token_facts
+from tunneld.home.reload import reload_daemon
 from tunneld.home.streams import StreamHandler
+from tunneld.home.watchdog import Watchdog
+from tunneld.metrics import HomeCollector, make_registry, metrics_endpoint, serve_metrics
+from tunneld.reload import Settings, TaskSlot
 from tunneld.systemd import notify, run_watchdog
 
 log = logging.getLogger("tunneld.daemon")
@@ -30,12 +38,22 @@ def iso(ts: float | None) -> str | None:
 
 class Daemon:
     def __init__(self, config: HomeConfig) -> None:
-        self.config = config
+        self.settings = Settings(config)  # the running config; SIGHUP replaces it
         self.certs = CertificateStore(config)
         self.certs.load()
-        self.streams = StreamHandler(config, self.certs)
-        self.connector = Connector(config, self.streams)
+        self.bans = BanList(BanFile(config.daemon.state_directory / BANS_FILE))
+        self.watchdog = Watchdog(config.watchdog, self.bans)
+        self.streams = StreamHandler(config, self.certs, self.watchdog)
+        self.connector = Connector(config, self.streams, self.watchdog)
         self._stop = trio.Event()
+        self.health = HealthChecks(lambda: self.config)
+        self.acme = TaskSlot(AcmeManager(config, self.certs, ready=self.is_connected).run)
+        self.metrics = make_registry(HomeCollector(self.status))
+        self.metrics_listening: list[str] = []
+
+    @property
+    def config(self) -> HomeConfig:
+        return self.settings.current
 
     def stop(self) -> None:
         self._stop.set()
@@ -44,11 +62,22 @@ class Daemon:
         async with trio.open_nursery() as root:
             router = Router()
             router.add("GET", "/v1/status", self._status_endpoint)
+            router.add("GET", "/metrics", metrics_endpoint(self.metrics))
+            add_ban_routes(router, self.watchdog)
             await root.start(serve_control, self.config.daemon.control_socket, router)
+            # Bans load once the socket listens (offline `tunneld bans` relies on
+            # that order) and before the first session, which gets the full list.
+            await root.start(self.bans.run)
+            listen = self.config.daemon.metrics_listen
+            if listen is not None:
+                label = f"{self.config.path}: [daemon] metrics_listen"
+                self.metrics_listening = await root.start(
+                    partial(serve_metrics, label=label), listen, self.metrics
+                )
             await root.start(self.connector.run)
             # Orders wait for the session: the CA reaches us only through the relay.
-            acme = AcmeManager(self.config, self.certs, ready=self._connected)
-            await root.start(acme.run)
+            await root.start(self.acme.run)
+            await root.start(self.health.run)
             root.start_soon(self._notify_status)
             root.start_soon(run_watchdog)
             notify("READY=1", "STATUS=connecting to the relay")
@@ -77,7 +106,7 @@ class Daemon:
                 last = line
             await trio.sleep(1)
 
-    def _connected(self) -> bool:
+    def is_connected(self) -> bool:
         return self.connector.state.state == "connected"
 
     async def _status_endpoint(self, _: ControlRequest) -> ControlResponse:
@@ -103,25 +132,39 @@ class Daemon:
                 "active": streams.active,
                 "total": streams.total,
                 "refused": streams.refused,
+                "banned": streams.banned,
                 "tls_failed": streams.tls_failed,
                 "upstream_failed": streams.upstream_failed,
+                "websockets": self.streams.proxy.websockets,
             },
             "bytes": {"in": bytes_in, "out": bytes_out},
             "upstream": self.config.upstream.url,
+            "upstream_check": self.health.status(),
+            "token": token_facts(self.config.relay.token, time.time()),
             "certificate": self.certs.status(),
-            "warnings": self.certs.warnings(),
-            "bans": [],
+            "metrics_listen": self.metrics_listening,
+            "config": self.settings.status(),
+            "warnings": [
+                *self.certs.warnings(),
+                *self.health.warnings(),
+                *self.settings.warnings(),
+            ],
+            "bans": [{"ip": b.ip, "until": iso(b.until)} for b in self.watchdog.ban_list()],
             "version": __version__,
         }
 
 
 async def run_daemon(config: HomeConfig) -> int:
     daemon = Daemon(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading %s", daemon.config.path)
+                        await reload_daemon(daemon)
+                        continue
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     daemon.stop()
                     return

@@ -84,6 +84,7 @@ class Proxy:
         self.pool = pool if pool is not None else UpstreamPool(config)
         self.requests = 0
         self.upstream_failed = 0  # 502/504 answers and responses cut by the upstream
+        self.websockets = 0  # upgraded connections being spliced now
 
     async def serve(self, client: trio.abc.Stream, client_ip: str, sni: str) -> int | None:
         """Serve requests on `client` until it ends.
@@ -102,6 +103,12 @@ class Proxy:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+    async def reconfigure(self, config: UpstreamSection) -> None:
+        """New requests use `config` (reload); exchanges under way finish on their old pool."""
+        old, self.pool, self.config = self.pool, UpstreamPool(config), config
+        old.size = 0  # its connections in use close when released instead of idling
+        await old.aclose()
 
 
 class _ClientConnection:
@@ -216,6 +223,9 @@ class _ClientConnection:
         client_ip = self.client_ip
         if self.trusted:
             client_ip = self.proxy.watchdog.client_address(client_ip, forwarded_chain(request))
+        # Per request: a ban lands mid keep-alive, and a trusted proxy's clients vary.
+        if self.proxy.watchdog.banned(client_ip) is not None:
+            await self._refuse(403, "banned", client_ip, head=head)
         if request.method == b"CONNECT":
             await self._refuse(405, "CONNECT request", client_ip)
         chunked, length = request_body_framing(request)
@@ -236,15 +246,17 @@ class _ClientConnection:
             assert isinstance(end, h11.EndOfMessage), end
 
         attempts = 2 if bodyless else 1  # a dead pooled connection is retried once
+        pool = self.proxy.pool  # released to the pool it came from, even after a reload
         for attempt in range(attempts):
             try:
-                up = await self.proxy.pool.acquire()
+                up = await pool.acquire()
             except UpstreamError as exc:
                 self.proxy.upstream_failed += 1
                 await self._refuse(
                     502, f"upstream {self.config.url} unreachable: {exc}", client_ip, head=head
                 )
             exchange = _Exchange(self, up, upstream_request, bodyless=bodyless, ip=client_ip)
+            exchange.pool = pool
             try:
                 outcome = await exchange.run()
             except BaseException:  # cancelled from outside (session lost, shutdown)
@@ -254,7 +266,7 @@ class _ClientConnection:
             if outcome is _Outcome.RETRY and attempt + 1 < attempts:
                 log.debug("pooled upstream connection was closed; retrying on a new one")
                 await up.aclose()
-                await self.proxy.pool.aclose()  # its idle siblings are likely dead too
+                await pool.aclose()  # its idle siblings are likely dead too
                 continue
             await self._finish(exchange, outcome, head=head)
             return
@@ -263,9 +275,13 @@ class _ClientConnection:
         """Act on an exchange's outcome: keep going (return), or end (raise _End)."""
         up = exchange.up
         if outcome is _Outcome.UPGRADED:
-            await self._splice(up)
+            self.proxy.websockets += 1
+            try:
+                await self._splice(up)
+            finally:
+                self.proxy.websockets -= 1
         if outcome in (_Outcome.DONE, _Outcome.CLOSE):
-            await self.proxy.pool.release(up)
+            await exchange.pool.release(up)
             if outcome is _Outcome.CLOSE or not (
                 self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
             ):
@@ -319,6 +335,7 @@ class _Exchange:
         self.bodyless = bodyless
         self.ip = ip
         self.config = client.config
+        self.pool = client.proxy.pool
         self.outcome: _Outcome | None = None
         self.status = 0
         self.why = ""
@@ -484,6 +501,14 @@ class _Exchange:
                 self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
             return
         self.response_started = True  # from here on, failures can only reset the stream
+        # Failed logins are counted from the answer; a login flow's body is peeked at (bounded).
+        peek = c.proxy.watchdog.observe(
+            self.ip,
+            self.request.method,
+            self.request.target,
+            response.status_code,
+            response.headers,
+        )
         await c.send_client(
             h11.Response(
                 status_code=response.status_code,
@@ -494,8 +519,12 @@ class _Exchange:
         while True:
             event = await up.next_event()
             if isinstance(event, h11.Data):
+                if peek is not None:
+                    peek.feed(event.data)
                 await c.send_client(event)
             elif isinstance(event, h11.EndOfMessage):
+                if peek is not None:
+                    peek.finish()
                 await c.send_client(h11.EndOfMessage())
                 break
             else:

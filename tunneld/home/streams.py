@@ -1,9 +1,8 @@
-"""One client stream at home: limits, ClientHello, TLS termination, then the HTTP proxy."""
+"""One client stream at home: the watchdog's admission, ClientHello, TLS, then the HTTP proxy."""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -25,9 +24,10 @@ log = logging.getLogger("tunneld.stream")
 class StreamStatistics:
     active: int
     total: int
-    refused: int
+    refused: int  # every refused stream, banned ones included
     tls_failed: int
     upstream_failed: int
+    banned: int = 0
 
 
 class StreamHandler:
@@ -43,8 +43,8 @@ class StreamHandler:
         self.active = 0
         self.total = 0
         self.refused = 0
+        self.banned = 0
         self.tls_failed = 0
-        self._per_ip: Counter[str] = Counter()
 
     @property
     def upstream_failed(self) -> int:
@@ -52,29 +52,37 @@ class StreamHandler:
 
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(
-            self.active, self.total, self.refused, self.tls_failed, self.upstream_failed
+            self.active,
+            self.total,
+            self.refused,
+            self.tls_failed,
+            self.upstream_failed,
+            self.banned,
         )
 
     async def __call__(self, stream: MuxStream) -> None:
         ip = stream.client_ip
         self.total += 1
-        if (
-            self.active >= self.config.daemon.max_streams
-            or self._per_ip[ip] >= self.config.watchdog.max_streams_per_ip
-        ):
+        # Before the ClientHello is even read: a refused client costs no TLS work.
+        if self.active >= self.config.daemon.max_streams:
+            why: str | None = f"over {self.config.daemon.max_streams} streams"
+        else:
+            why = self.watchdog.admit(ip)
+        if why is not None:
             self.refused += 1
-            log.warning("refused stream from %s: over the stream limit", ip)
+            if why == "banned":
+                self.banned += 1
+                log.info("refused stream from %s: banned", ip)
+            else:
+                log.warning("refused stream from %s: %s", ip, why)
             stream.reset(ResetCode.REFUSED)
             return
         self.active += 1
-        self._per_ip[ip] += 1
         try:
             await self._serve(stream, ip)
         finally:
             self.active -= 1
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            self.watchdog.release(ip)
 
     async def _serve(self, stream: MuxStream, ip: str) -> None:
         tls_cfg = self.config.tls

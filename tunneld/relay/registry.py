@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
 
+from tunneld.netaddr import normalize_ip
 from tunneld.transport.session import MuxSession
 from tunneld.wire import events as ev
 
@@ -27,14 +29,22 @@ class HomeSession:
     replaced: bool = False
 
     def is_banned(self, ip: str, now: float | None = None) -> bool:
-        if ip not in self.bans:
+        """Is client `ip` (normalized) banned: its address, or for IPv6 its /64 (PROTOCOL.md)?"""
+        if not self.bans:
             return False
-        until = self.bans[ip]
+        if self._banned(ip, now):
+            return True
+        return ":" in ip and self._banned(_net64(ip), now)
+
+    def _banned(self, key: str, now: float | None) -> bool:
+        if key not in self.bans:
+            return False
+        until = self.bans[key]
         if until is None:
             return True
         if until > (now if now is not None else time.time()):
             return True
-        del self.bans[ip]
+        del self.bans[key]  # expired on our own clock
         return False
 
     def apply_bans(self, event: ev.Ban) -> None:
@@ -42,11 +52,21 @@ class HomeSession:
         if event.replace:
             self.bans.clear()
         for entry in event.entries:
+            ip = normalize_ip(entry.ip)
             if entry.until is not None and entry.until <= now:
-                self.bans.pop(entry.ip, None)
+                self.bans.pop(ip, None)
             else:
-                self.bans[entry.ip] = entry.until
+                self.bans[ip] = entry.until
+        if not event.replace:
+            # Entries that expired unseen would otherwise stay until the next full list.
+            for ip in [k for k, until in self.bans.items() if until is not None and until <= now]:
+                del self.bans[ip]
         log.info("session %s: ban list now holds %d address(es)", self.session_id, len(self.bans))
+
+
+def _net64(ip: str) -> str:
+    # A ban on an IPv6 address with a zero interface id covers its /64.
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False).network_address)
 
 
 class Registry:

@@ -16,13 +16,19 @@ from typing import Any
 import h11
 import trio
 import trio_websocket
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tunneld import __version__
-from tunneld.config import RelayConfig
+from tunneld.config import RelayConfig, RelaySection
 from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
 from tunneld.errors import ProtocolError, TokenError, first_error
+from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.netaddr import normalize_ip
+from tunneld.pki import CertificateInfo
+from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
+from tunneld.relay.reload import certificate_status, load_tls, reload_relay
+from tunneld.reload import Settings
 from tunneld.systemd import notify, run_watchdog
 from tunneld.tokens import (
     Claims,
@@ -31,6 +37,7 @@ from tunneld.tokens import (
     load_public_keys,
     verify_token,
 )
+from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
 from tunneld.transport.prefixed import PrefixedStream
 from tunneld.transport.session import (
     MAX_MESSAGE_SIZE,
@@ -77,23 +84,34 @@ class RelayStats:
 
 class Relay:
     def __init__(self, config: RelayConfig) -> None:
-        self.config = config
-        self.cfg = config.relay
+        self.settings = Settings(config)  # the running config; SIGHUP replaces it
         self.registry = Registry()
         self.stats = RelayStats()
         self.state = "starting"
         self.started_at = time.time()
         self._per_ip: Counter[str] = Counter()
+        self._rate = ConnectionRate(self.cfg.connections_per_ip_per_second)
         self._public_keys = load_public_keys(self.cfg.token_public_key)
-        self._ssl = self._make_ssl_context()
+        self._ssl, self.certificate = load_tls(self.cfg)
         self._stop = trio.Event()
         self.listening: list[tuple[str, int]] = []
+        self.metrics = make_registry(RelayCollector(self.status))
+        self.metrics_listening: list[str] = []
 
-    def _make_ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(self.cfg.certificate), str(self.cfg.private_key))
-        ctx.set_alpn_protocols(["http/1.1"])
-        return ctx
+    @property
+    def config(self) -> RelayConfig:
+        return self.settings.current
+
+    @property
+    def cfg(self) -> RelaySection:
+        return self.settings.current.relay
+
+    def set_tls(self, context: ssl.SSLContext, certificate: CertificateInfo) -> None:
+        """New connections to the relay's own hostname get `context` (reload)."""
+        self._ssl, self.certificate = context, certificate
+
+    def set_public_keys(self, keys: tuple[Ed25519PublicKey, ...]) -> None:
+        self._public_keys = keys
 
     def stop(self) -> None:
         self._stop.set()
@@ -112,6 +130,15 @@ class Relay:
                             await lst.start(
                                 serve_control, self.cfg.control_socket, self._control_router()
                             )
+                            if self.cfg.metrics_listen is not None:
+                                self.metrics_listening = await lst.start(
+                                    partial(
+                                        serve_metrics,
+                                        label=f"{self.config.path}: [relay] metrics_listen",
+                                    ),
+                                    self.cfg.metrics_listen,
+                                    self.metrics,
+                                )
                             for host, port in self.cfg.listen:
                                 listeners = await trio.open_tcp_listeners(port, host=host)
                                 for listener in listeners:
@@ -176,6 +203,13 @@ class Relay:
         peer = tcp.socket.getpeername()
         ip, port = normalize_ip(peer[0]), int(peer[1])
         self.stats.connections_total += 1
+        if not self._rate.allow(ip):
+            # Counted, logged at debug only: a flood must not flood the journal too.
+            self.stats.refused["ip_rate"] += 1
+            log.debug("refused %s: over %d new connections per second", ip, self._rate.rate)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
         limit = self.cfg.max_connections_per_ip
         if limit and self._per_ip[ip] >= limit:
             self.stats.refused["ip_limit"] += 1
@@ -331,6 +365,27 @@ class Relay:
             body = json.dumps({"reason": exc.reason, "detail": str(exc)}).encode()
             await _respond(tls, http, status, body, "application/json")
             return
+        offered = _header(request, b"sec-websocket-protocol")
+        key = _header(request, b"sec-websocket-key")
+        if self.cfg.raw_transport and key and RAW_SUBPROTOCOL in _tokens(offered):
+            # Accept the upgrade ourselves, then carry frames without
+            # WebSocket framing (see tunneld/transport/channel.py).
+            switch = h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    ("Upgrade", "websocket"),
+                    ("Connection", "Upgrade"),
+                    ("Sec-WebSocket-Accept", websocket_accept(key)),
+                    ("Sec-WebSocket-Protocol", RAW_SUBPROTOCOL),
+                ],
+            )
+            with trio.fail_after(self.cfg.client_hello_timeout):
+                await tls.send_all(http.send(switch) or b"")
+            trailing = bytes(http.trailing_data[0])
+            channel = RawChannel(PrefixedStream(tls, trailing) if trailing else tls)
+            log.debug("tunnel from %s: raw transport", ip)
+            await self._run_session(channel, claims, hostnames, version, ip)
+            return
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(self.cfg.client_hello_timeout):
@@ -341,6 +396,7 @@ class Relay:
                         receive_buffer_size=RECEIVE_BUFFER,
                     )
                     ws = await ws_request.accept()
+                log.debug("tunnel from %s: websocket transport", ip)
             except (trio.TooSlowError, trio_websocket.HandshakeError, *STREAM_ERRORS) as exc:
                 log.info("tunnel handshake from %s failed: %r", ip, exc)
                 nursery.cancel_scope.cancel()
@@ -459,6 +515,7 @@ class Relay:
             return ControlResponse.json(self.status())
 
         router.add("GET", "/v1/status", status)
+        router.add("GET", "/metrics", metrics_endpoint(self.metrics))
         return router
 
     def status(self) -> dict[str, Any]:
@@ -491,8 +548,27 @@ class Relay:
                 "routed": self.stats.routed_total,
                 "refused": dict(self.stats.refused),
             },
+            "streams": {"active": self.registry.stream_count(), "total": self.stats.routed_total},
+            "hostnames": sorted(
+                {h for s in self.registry.sessions if not s.replaced for h in s.hostnames}
+            ),
+            "certificate": certificate_status(self.certificate, time.time()),
+            "metrics_listen": self.metrics_listening,
+            "config": self.settings.status(),
+            "warnings": self.settings.warnings(),
             "version": __version__,
         }
+
+
+def _header(request: h11.Request, name: bytes) -> str:
+    for key, value in request.headers:
+        if key == name:  # h11 lower-cases names
+            return value.decode("latin-1").strip()
+    return ""
+
+
+def _tokens(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 async def _read_request_head(
@@ -540,11 +616,15 @@ async def _respond(
 async def run_relay(config: RelayConfig) -> int:
     """The `tunneld relay` process: serve until SIGTERM/SIGINT, then drain."""
     relay = Relay(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading %s", relay.config.path)
+                        await reload_relay(relay)
+                        continue
                     log.info("received %s", signal.Signals(signum).name)
                     relay.stop()
                     return

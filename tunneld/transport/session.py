@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+import trio_websocket
 
 from tunneld.errors import ProtocolError, RemoteProtocolError
+from tunneld.transport.channel import ChannelClosed
 from tunneld.wire import events as ev
 from tunneld.wire.mux import Connection
 
@@ -30,7 +32,7 @@ MESSAGE_BYTES = 256 * 1024
 # The receive side must accept one coalesced message plus one maximal frame.
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 RECEIVE_BUFFER = 256 * 1024
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -392,15 +394,17 @@ class MuxSession:
             # they leave in one message instead of one message each.
             await trio.lowlevel.checkpoint()
             self._wake_writer = trio.Event()
-            await self._flush()
+            try:
+                await self._flush()
+            except (ChannelClosed, trio_websocket.ConnectionClosed) as exc:
+                self.close(_describe_close(exc))
+                return
 
     async def _reader(self) -> None:
-        import trio_websocket
-
         while True:
             try:
                 message = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
+            except (ChannelClosed, trio_websocket.ConnectionClosed) as exc:
                 self.close_reason = self.close_reason or _describe_close(exc)
                 return
             self._feed_message(message)
@@ -479,6 +483,8 @@ def _reset_name(code: int) -> str:
 
 
 def _describe_close(exc: Exception) -> str:
+    if isinstance(exc, ChannelClosed):
+        return str(exc)
     reason = getattr(exc, "reason", None)
     if reason is None:
         return "session closed"

@@ -1,0 +1,120 @@
+"""SIGHUP for the home daemon: apply a changed config without dropping open streams.
+
+Everything that can fail is done before anything changes: the file is loaded
+and validated, a changed certificate is loaded, the relay CA is read. Then the
+new config is handed to each component, which reads it at use time:
+
+* `[relay]` and `[tls] hostnames` (and the HELLO limits): a fresh session is
+  opened with them while the current one keeps serving; once the fresh one is
+  up, the old one drains its open streams (WebSockets, downloads) and closes.
+* `[upstream]`: new requests go to the new upstream; exchanges under way finish.
+* `[watchdog]`, `[daemon] max_streams`, timeouts: read at their next use.
+* `[tls]` / `[acme]`: the certificate is reloaded (files re-read, the bootstrap
+  one follows the hostnames) and the ACME manager restarts with the new names.
+* `log_level`: at once.
+* `[daemon] state_directory`, `control_socket`, `metrics_listen`: need a
+  restart; they keep their running values and are named in the log and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+import trio
+
+from tunneld.config import HomeConfig
+from tunneld.errors import ConfigError
+from tunneld.home.acme import AcmeManager
+from tunneld.home.certs import CertificateStore
+from tunneld.reload import (
+    load_new,
+    log_failure,
+    log_outcome,
+    notify_reloaded,
+    notify_reloading,
+    plan,
+)
+
+if TYPE_CHECKING:
+    from tunneld.home.daemon import Daemon
+
+__all__ = ["RESTART_ONLY", "reload_daemon"]
+
+log = logging.getLogger("tunneld.reload")
+
+RESTART_ONLY = (
+    ("daemon", "state_directory"),
+    ("daemon", "control_socket"),
+    ("daemon", "metrics_listen"),
+)
+
+
+def _needs_new_session(old: HomeConfig, new: HomeConfig) -> bool:
+    """What the relay learns only in the handshake (token, hostnames, HELLO limits)."""
+    o, n = old.relay, new.relay
+    return (
+        (o.url, o.token, o.ca_file, o.connect_to) != (n.url, n.token, n.ca_file, n.connect_to)
+        or old.tls.hostnames != new.tls.hostnames
+        or (old.daemon.stream_window, old.daemon.max_streams)
+        != (new.daemon.stream_window, new.daemon.max_streams)
+    )
+
+
+async def reload_daemon(daemon: Daemon) -> bool:
+    """Re-read the daemon's config file and apply it; False (old config kept) if invalid."""
+    settings = daemon.settings
+    notify_reloading()
+    try:
+        try:
+            result = plan(settings, load_new(settings), RESTART_ONLY)
+        except ConfigError as exc:
+            log_failure(settings, str(exc))
+            return False
+        old, new = settings.current, result.config
+        certs_changed = (old.tls, old.acme) != (new.tls, new.acme)
+        certs = daemon.certs
+        if certs_changed or not certs.managed:  # files given: re-read them (renewed on disk)
+            certs = CertificateStore(new)
+            try:
+                await trio.to_thread.run_sync(certs.load)
+            except ConfigError as exc:
+                log_failure(settings, str(exc))
+                return False
+        try:
+            daemon.connector.reconfigure(new)
+        except (OSError, ssl.SSLError) as exc:
+            log_failure(settings, f"{new.path}: [relay] ca_file: cannot load: {exc}")
+            return False
+
+        # Nothing below can fail.
+        settings.replace(new, result.needs_restart)
+        daemon.streams.config = new
+        if old.upstream != new.upstream:
+            await daemon.streams.proxy.reconfigure(new.upstream)
+        if old.watchdog != new.watchdog:
+            _reconfigure_watchdog(daemon, new)
+        if certs is not daemon.certs:
+            daemon.certs = daemon.streams.certs = certs
+        if certs_changed:
+            daemon.acme.restart(AcmeManager(new, certs, ready=daemon.is_connected).run)
+        if _needs_new_session(old, new):
+            log.info("opening a new session with the reloaded config")
+            daemon.connector.renew()
+        daemon.health.recheck()
+        log_outcome(new.path, result, new.daemon.log_level)
+        return True
+    except Exception as exc:  # a reload must never take the daemon down
+        log.exception("reload failed unexpectedly")
+        log_failure(settings, f"unexpected error: {exc}")
+        return False
+    finally:
+        notify_reloaded(f"{daemon.connector.state.state} (config reloaded)")
+
+
+def _reconfigure_watchdog(daemon: Daemon, new: HomeConfig) -> None:
+    watchdog = daemon.streams.watchdog
+    watchdog.config = new.watchdog
+    # The trusted proxies are kept pre-extracted for the per-request check.
+    watchdog._trusted = new.watchdog.trusted_proxies
