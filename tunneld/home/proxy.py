@@ -52,6 +52,10 @@ BODY_GRACE = 1.0
 _UPSTREAM_ERRORS = (*STREAM_ERRORS, h11.ProtocolError)
 
 
+# Hold small response pieces up to this size so they leave in one write.
+COALESCE_BYTES = 16 * 1024
+
+
 class _End(Exception):
     """Stop serving this client connection: close it cleanly, or reset it."""
 
@@ -99,6 +103,8 @@ class Proxy:
             return end.reset
         except _ClientGone:
             return ResetCode.CANCEL
+        finally:
+            await conn.give_back()
         return None
 
     async def aclose(self) -> None:
@@ -123,6 +129,28 @@ class _ClientConnection:
         # The relay's address is the client for the whole connection, unless the
         # peer is a trusted proxy: then each request's chain names its client.
         self.trusted = proxy.watchdog.trusts(self.client_ip)
+        # The upstream connection of the last request, kept for the next one on
+        # this client connection: no pool round trip or new connect per request.
+        self.kept: tuple[UpstreamPool, UpstreamConnection] | None = None
+        self._out: list[bytes] = []  # framed bytes held by send_client(flush=False)
+        self._out_bytes = 0
+
+    async def give_back(self) -> None:
+        if self.kept is not None:
+            pool, up = self.kept
+            self.kept = None
+            with trio.CancelScope(shield=True):
+                await pool.release(up)
+
+    async def _upstream(self, pool: UpstreamPool) -> UpstreamConnection:
+        if self.kept is not None:
+            kept_pool, up = self.kept
+            self.kept = None
+            if kept_pool is pool and not up.looks_closed():
+                up.reused = True  # it may have died meanwhile: a bodyless request retries
+                return up
+            await up.abort()
+        return await pool.acquire()
 
     async def run(self) -> None:
         first = True
@@ -179,12 +207,24 @@ class _ClientConnection:
         except STREAM_ERRORS as exc:
             raise _ClientGone() from exc
 
-    async def send_client(self, event: h11.Event) -> None:
-        """Frame one event for the client and send it (body chunks without a copy)."""
+    async def send_client(self, event: h11.Event, *, flush: bool = True) -> None:
+        """Frame one event for the client; send it now, or hold it (`flush=False`).
+
+        A small response's head, body and end then leave in one TLS record and
+        one mux frame instead of three; big body chunks are never held or copied.
+        """
         pieces = self.h11.send_with_data_passthrough(event)
-        if not pieces:
+        if pieces:
+            self._out.extend(pieces)
+            self._out_bytes += sum(len(p) for p in pieces)
+        if flush or self._out_bytes >= COALESCE_BYTES:
+            await self.flush_client()
+
+    async def flush_client(self) -> None:
+        out, self._out, self._out_bytes = self._out, [], 0
+        if not out:
             return
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        data = out[0] if len(out) == 1 else b"".join(out)
         if not data:
             return
         try:
@@ -249,7 +289,7 @@ class _ClientConnection:
         pool = self.proxy.pool  # released to the pool it came from, even after a reload
         for attempt in range(attempts):
             try:
-                up = await pool.acquire()
+                up = await self._upstream(pool)
             except UpstreamError as exc:
                 self.proxy.upstream_failed += 1
                 await self._refuse(
@@ -281,11 +321,16 @@ class _ClientConnection:
             finally:
                 self.proxy.websockets -= 1
         if outcome in (_Outcome.DONE, _Outcome.CLOSE):
-            await exchange.pool.release(up)
             if outcome is _Outcome.CLOSE or not (
                 self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
             ):
+                await exchange.pool.release(up)
                 raise _End(None)
+            if up.reusable:
+                up.next_cycle()
+                self.kept = (exchange.pool, up)
+            else:
+                await exchange.pool.release(up)
             return
         await up.abort()
         if outcome is _Outcome.ABORT:
@@ -514,14 +559,19 @@ class _Exchange:
                 status_code=response.status_code,
                 headers=response_headers(response),
                 reason=response.reason,
-            )
+            ),
+            flush=False,
         )
         while True:
-            event = await up.next_event()
+            ready = up.buffered_event()
+            if ready is None:
+                await c.flush_client()  # never hold bytes while waiting for more
+                ready = await up.next_event()
+            event = ready
             if isinstance(event, h11.Data):
                 if peek is not None:
                     peek.feed(event.data)
-                await c.send_client(event)
+                await c.send_client(event, flush=False)
             elif isinstance(event, h11.EndOfMessage):
                 if peek is not None:
                     peek.finish()

@@ -68,6 +68,11 @@ class UpstreamConnection:
         if data:
             await self.stream.send_all(data)
 
+    def buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+        """The next event if it needs no more bytes, else None (no I/O)."""
+        event = self.h11.next_event()
+        return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
+
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event from the upstream (raises h11.RemoteProtocolError, STREAM_ERRORS)."""
         while True:
@@ -93,6 +98,12 @@ class UpstreamConnection:
             return bool(poller.poll(0))
         except OSError:
             return True
+
+    def next_cycle(self) -> None:
+        """Ready for the next request after an exchange that ended cleanly."""
+        self.h11.start_next_cycle()
+        self.idle_since = trio.current_time()
+        self.bytes_in = 0
 
     async def aclose(self) -> None:
         await aclose_quietly(self.stream)
@@ -156,9 +167,7 @@ class UpstreamPool:
     async def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool when its exchange ended cleanly, else closed."""
         if conn.reusable and len(self._idle) < self.size:
-            conn.h11.start_next_cycle()
-            conn.idle_since = trio.current_time()
-            conn.bytes_in = 0
+            conn.next_cycle()
             self._idle.append(conn)
             return
         await conn.aclose()
