@@ -11,7 +11,6 @@ import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,15 +44,6 @@ pytestmark = pytest.mark.integration
 
 OTHER_HOST = "other.test"
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path / "w")
-    try:
-        yield w
-    finally:
-        w.stop_all()
 
 
 def control(socket_path: Path, path: str) -> tuple[int, bytes]:

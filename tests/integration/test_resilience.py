@@ -8,8 +8,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,15 +21,6 @@ from tests.integration.harness import (
 from tunneld.demoapp import pattern_sha256
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path / "w")
-    try:
-        yield w
-    finally:
-        w.stop_all()
 
 
 def test_stalled_link_is_detected_by_ping_and_recovers(world: World) -> None:

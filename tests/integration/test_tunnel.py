@@ -9,8 +9,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,21 +24,6 @@ from tests.integration.harness import (
 from tunneld.demoapp import pattern
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path / "w")
-    try:
-        yield w
-    finally:
-        w.stop_all()
-
-
-@pytest.fixture
-def running(world: World) -> World:
-    world.start_all()
-    return world
 
 
 def _sha(n: int, seed: int = 0) -> str:
