@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import tomli_w
@@ -62,7 +63,7 @@ def write_relay_files(root: Path, relay_port: int = 0) -> Path:
 
 def write_home_config(root: Path, relay_port: int, app_port: int) -> Path:
     token = issue_token(
-        load_private_key(root / "token.key"), hostnames=[HOME_NAME], subject="demo", ttl=86400
+        load_private_key(root / "token.key"), hostnames=[HOME_NAME], subject="demo", ttl=90 * 86400
     )
     (root / "token").write_text(token + "\n")
     (root / "token").chmod(0o600)
@@ -84,6 +85,12 @@ def write_home_config(root: Path, relay_port: int, app_port: int) -> Path:
 
 
 async def run_demo(root: Path, *, check: bool = False, port: int = 0) -> int:
+    # Catch Ctrl-C from the first moment, so it always means a clean stop.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        return await _run_demo(root, signals, check=check, port=port)
+
+
+async def _run_demo(root: Path, signals: AsyncIterator[int], *, check: bool, port: int) -> int:
     relay_cfg = load_config(write_relay_files(root, port))
     assert isinstance(relay_cfg, RelayConfig)
     async with trio.open_nursery() as nursery:
@@ -119,9 +126,8 @@ async def run_demo(root: Path, *, check: bool = False, port: int = 0) -> int:
             sys.stdout.write(result.stdout.decode(errors="replace") + "\n")
             nursery.cancel_scope.cancel()
             return 0 if result.returncode == 0 else 1
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
+        async for _ in signals:
+            break
         print("stopping", flush=True)
         daemon.stop()
         relay.stop()

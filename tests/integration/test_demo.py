@@ -24,3 +24,32 @@ def test_demo_check_runs_the_printed_curl() -> None:
     echoed = json.loads(body)
     assert echoed["path"] == "/headers"
     assert "Traceback" not in result.stderr
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunneld", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "Press Ctrl-C" not in seen and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert "Press Ctrl-C" in seen, seen
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
