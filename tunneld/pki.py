@@ -76,13 +76,13 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; best effort (some filesystems refuse O_RDONLY dirs).
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; best effort (some filesystems refuse)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     try:

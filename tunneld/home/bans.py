@@ -36,6 +36,7 @@ import trio
 from tunneld.config import IPNetwork
 from tunneld.errors import TunneldError
 from tunneld.netaddr import normalize_ip
+from tunneld.pki import fsync_dir
 from tunneld.wire.events import BanEntry
 
 __all__ = [
@@ -267,7 +268,7 @@ class BanFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def remove_stale_temps(self) -> None:
         """Temp files left by a crash mid-write (the caller holds the lock)."""
@@ -285,19 +286,6 @@ class BanFile:
     def save(self, records: Iterable[BanRecord]) -> None:
         with self.locked():
             self.write(records)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _match_owner(fd: int, directory: Path) -> None:

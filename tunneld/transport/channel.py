@@ -50,19 +50,10 @@ class RawChannel:
         self._stream = stream
 
     async def get_message(self) -> bytes:
-        try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        except _CHANNEL_ERRORS as exc:
-            raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
-        if not data:
-            raise ChannelClosed("peer closed the connection")
-        return bytes(data)
+        return await _receive(self._stream)
 
     async def send_message(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except _CHANNEL_ERRORS as exc:
-            raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
+        await _send(self._stream, data)
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         try:
@@ -103,22 +94,13 @@ class WebSocketChannel:
                         f"session closed by peer (WebSocket {event.code}"
                         f"{': ' + event.reason if event.reason else ''})"
                     )
-            try:
-                received = await self._stream.receive_some(RECEIVE_BYTES)
-            except _CHANNEL_ERRORS as exc:
-                raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
-            if not received:
-                raise ChannelClosed("peer closed the connection")
-            self._ws.receive_data(bytes(received))
+            self._ws.receive_data(await _receive(self._stream))
 
     async def send_message(self, data: bytes) -> None:
         await self._send(self._ws.send(Message(data=data)))
 
     async def _send(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except _CHANNEL_ERRORS as exc:
-            raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
+        await _send(self._stream, data)
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         try:
@@ -132,6 +114,24 @@ class WebSocketChannel:
             await self._stream.aclose()
         except _CHANNEL_ERRORS:
             pass
+
+
+async def _receive(stream: trio.abc.Stream) -> bytes:
+    """One read; the end of the stream or a broken one is ChannelClosed."""
+    try:
+        data = await stream.receive_some(RECEIVE_BYTES)
+    except _CHANNEL_ERRORS as exc:
+        raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
+    if not data:
+        raise ChannelClosed("peer closed the connection")
+    return bytes(data)
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except _CHANNEL_ERRORS as exc:
+        raise ChannelClosed(f"connection lost ({_describe(exc)})") from None
 
 
 async def open_channel(
