@@ -9,12 +9,17 @@ the measured window is part of every result.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import resource
+import select
 import selectors
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +33,10 @@ RECV = 256 * 1024
 
 class BenchError(Exception):
     """The run cannot go on (a bad answer, a broken connection)."""
+
+
+class ConnectionLost(BenchError):
+    """One connection ended under load: counted as an error, the others go on."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +325,262 @@ def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------
+# WebSocket (RFC 6455), just enough for an echo client
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def ws_handshake(sock: ssl.SSLSocket, target: Target, path: str) -> bytearray:
+    """Upgrade a blocking connection; returns any bytes that came after the 101 head."""
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {target.sni}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        data = sock.recv(RECV)
+        if not data:
+            raise BenchError("connection closed during the WebSocket handshake")
+        buf += data
+    lines = bytes(buf[:end]).split(b"\r\n")
+    status = lines[0].split(b" ", 2)[1]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    accept = headers.get(b"sec-websocket-accept")
+    if status != b"101":
+        raise BenchError(f"WebSocket handshake: status {status.decode(errors='replace')}")
+    if accept != base64.b64encode(hashlib.sha1(key + WS_GUID).digest()):
+        raise BenchError(f"WebSocket handshake: wrong Sec-WebSocket-Accept {accept!r}")
+    del buf[: end + 4]
+    return buf
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One final client frame: always masked (RFC 6455 5.3)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = os.urandom(4)
+    if not n:
+        return head + mask
+    key = (mask * (n // 4 + 1))[:n]  # XOR as one big integer: no per-byte Python loop
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return head + mask + masked
+
+
+def ws_parse(buf: bytearray) -> tuple[int, bool, bytes, int] | None:
+    """(opcode, fin, payload, frame length) of the first whole server frame in `buf`,
+    None while it is incomplete. Server frames must not be masked."""
+    if len(buf) < 2:
+        return None
+    b0, b1 = buf[0], buf[1]
+    if b1 & 0x80 or b0 & 0x70:
+        raise BenchError(f"bad server frame header {bytes(buf[:2]).hex()}")
+    n, pos = b1 & 0x7F, 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n, pos = struct.unpack_from("!H", buf, 2)[0], 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n, pos = struct.unpack_from("!Q", buf, 2)[0], 10
+    if len(buf) < pos + n:
+        return None
+    return b0 & 0x0F, bool(b0 & 0x80), bytes(buf[pos : pos + n]), pos + n
+
+
+def send_all(sock: ssl.SSLSocket, data: bytes, timeout: float = 30.0) -> None:
+    """sendall for a non-blocking TLS socket (a large message may not fit at once)."""
+    view, deadline = memoryview(data), time.monotonic() + timeout
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            if time.monotonic() > deadline:
+                raise BenchError("send stalled") from None
+            select.select([sock], [sock], [], 0.1)
+
+
+@dataclass
+class _WsConn:
+    sock: ssl.SSLSocket
+    buf: bytearray
+    sent: bytes = b""  # the payload in flight
+    sent_at: float = 0.0
+    got: bytearray = field(default_factory=bytearray)  # echo so far (it may be fragmented)
+    in_message: bool = False
+    seq: int = 0
+    alive: bool = True
+
+
+def _ws_send(c: _WsConn, base: bytes) -> None:
+    """Send the next message: `base` with the sequence number in front, so a stale or
+    repeated echo cannot pass for the right one."""
+    c.seq += 1
+    c.sent = (struct.pack("!Q", c.seq) + base)[: len(base)] if len(base) >= 8 else base
+    c.sent_at = time.monotonic()
+    send_all(c.sock, ws_frame(OP_BINARY, c.sent))
+
+
+def _ws_receive(c: _WsConn) -> None:
+    """Everything readable now (a non-blocking socket) into `c.buf`."""
+    try:
+        while True:
+            data = c.sock.recv(RECV)
+            if not data:
+                raise ConnectionLost("closed by the server")
+            c.buf += data
+    except ssl.SSLWantReadError:
+        pass
+
+
+def _ws_messages(c: _WsConn) -> int:
+    """Consume the whole frames in `c.buf`; the number of echoes completed (checked)."""
+    done = 0
+    while (frame := ws_parse(c.buf)) is not None:
+        opcode, fin, payload, length = frame
+        del c.buf[:length]
+        if opcode == OP_PING:
+            send_all(c.sock, ws_frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
+            pass
+        elif opcode == OP_CLOSE:
+            raise ConnectionLost(f"closed by the server: {payload[:2].hex()}")
+        elif opcode in (OP_BINARY, OP_CONT) and (opcode == OP_CONT) == c.in_message:
+            c.got += payload
+            c.in_message = not fin
+            if fin:
+                if c.got != c.sent:
+                    raise BenchError(f"echo differs: {len(c.got)} bytes for {len(c.sent)}")
+                c.got.clear()
+                done += 1
+        else:
+            raise BenchError(f"unexpected frame opcode {opcode} (in message: {c.in_message})")
+    return done
+
+
+def _ws_close(conns: list[_WsConn], timeout: float = 5.0) -> int:
+    """Close handshake on every connection (an echo may still be in flight); returns how
+    many did not end with the server's close frame in time."""
+    deadline = time.monotonic() + timeout
+    unclean = 0
+    for c in conns:
+        try:
+            send_all(c.sock, ws_frame(OP_CLOSE, struct.pack("!H", 1000)))
+            while True:
+                frame = ws_parse(c.buf)
+                if frame is not None:
+                    del c.buf[: frame[3]]
+                    if frame[0] == OP_CLOSE:
+                        break
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([c.sock], [], [], left)[0]:
+                    raise BenchError("no close frame")
+                try:
+                    data = c.sock.recv(RECV)
+                except ssl.SSLWantReadError:
+                    continue
+                if not data:
+                    raise BenchError("closed without a close frame")
+                c.buf += data
+        except (OSError, BenchError):
+            unclean += 1
+    return unclean
+
+
+def run_ws(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed loop over `conns` WebSocket connections to `path` (an echo): each sends one
+    binary message of `size` bytes, waits for the whole echo, checks it, repeats. Only
+    round trips completed inside the measured window (after `warmup`) count."""
+    target = Target.from_spec(spec)
+    conns_n = int(spec.get("conns", 10))
+    size = int(spec.get("size", 64))
+    duration = float(spec["duration"])
+    warmup = float(spec.get("warmup", 1.0))
+    path = spec.get("path", "/ws/echo")
+    base = os.urandom(size)
+    ctx = target.context()
+    conns: list[_WsConn] = []
+    sel = selectors.DefaultSelector()
+    latencies: list[float] = []
+    errors = 0
+    try:
+        for i in range(conns_n):
+            sock = connect(target, ctx, i)
+            conns.append(_WsConn(sock, bytearray()))
+            conns[-1].buf = ws_handshake(sock, target, path)
+        cipher = conns[0].sock.cipher()
+        if spec.get("ready_file"):
+            Path(spec["ready_file"]).write_text("1")
+        start = time.monotonic()
+        for c in conns:
+            c.sock.setblocking(False)
+            sel.register(c.sock, selectors.EVENT_READ, c)
+            _ws_send(c, base)
+        m0, m1 = start + warmup, start + warmup + duration
+        recording = False
+        cpu0 = wall0 = 0.0
+        live = len(conns)
+        while live:
+            now = time.monotonic()
+            if now >= m1:
+                break
+            if not recording and now >= m0:
+                recording, cpu0, wall0 = True, cpu_seconds(), time.time()
+            for key, _ in sel.select(max((m0 if not recording else m1) - now, 0.0)):
+                c = key.data
+                try:
+                    _ws_receive(c)
+                    done = time.monotonic()
+                    if _ws_messages(c):  # closed loop: at most one message is in flight
+                        if recording:
+                            latencies.append(done - c.sent_at)
+                        _ws_send(c, base)
+                except (OSError, ConnectionLost):
+                    errors += 1
+                    live -= 1
+                    c.alive = False
+                    sel.unregister(c.sock)
+        cpu = cpu_seconds() - cpu0
+        seconds = time.time() - wall0
+        unclean = _ws_close([c for c in conns if c.alive])
+    finally:
+        sel.close()
+        for c in conns:
+            c.sock.close()
+    if not latencies:
+        raise BenchError("no round trip completed in the measured window")
+    latencies.sort()
+    return {
+        "conns": conns_n,
+        "size": size,
+        "messages": len(latencies),
+        "seconds": seconds,
+        "rate": len(latencies) / seconds,
+        "p50_ms": 1000 * _percentile(latencies, 0.50),
+        "p99_ms": 1000 * _percentile(latencies, 0.99),
+        "max_ms": 1000 * latencies[-1],
+        "errors": errors,
+        "unclean_closes": unclean,
+        "t0": wall0,
+        "t1": wall0 + seconds,
+        "cpu": cpu,
+        "cipher": cipher[0] if cipher else None,
+    }
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -340,7 +605,7 @@ def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
     return {"conns": len(socks), "handshake_seconds": opened}
 
 
-MODES = {"download": run_download, "rate": run_rate, "hold": run_hold}
+MODES = {"download": run_download, "rate": run_rate, "hold": run_hold, "ws": run_ws}
 
 
 def main(argv: list[str]) -> int:

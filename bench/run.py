@@ -1,4 +1,4 @@
-"""tunneld benchmark: `python -m bench.run [--quick] [--profile]`.
+"""tunneld benchmark: `python -m bench.run [--quick] [--profile] [--only FIGURES]`.
 
 Starts a real relay, daemon and demo app on loopback (bench/world.py), drives them
 from separate client processes (bench/client.py) and compares each figure with
@@ -10,6 +10,7 @@ daemon with py-spy during a bulk download (bench/profile.py). See bench/RESULTS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +31,8 @@ from tunneld.demoapp import pattern_sha256
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = {"bulk": 0.15, "rate": 0.50, "fairness": 3.0, "memory_kib": 64.0}
+TARGETS = {"bulk": 0.15, "rate": 0.50, "fairness": 3.0, "memory_kib": 64.0, "ws": 2.0}
+FIGURES = ("memory", "bulk", "rate", "fairness", "ws")
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,38 @@ class Settings:
     idle_streams: int
     profile_seconds: int
     perf_seconds: int
+    ws_conns: int
+    ws_seconds: float
+    ws_warmup: float
 
 
-FULL = Settings(256 * MIB, 3, 50, 10.0, 1.0, 4, 0.01, 8.0, 1000, 8, 5)
-QUICK = Settings(64 * MIB, 3, 50, 3.0, 0.5, 4, 0.01, 3.0, 1000, 4, 3)
+FULL = Settings(
+    bulk_bytes=256 * MIB,
+    bulk_runs=3,
+    rate_conns=50,
+    rate_seconds=10.0,
+    rate_warmup=1.0,
+    fair_conns=4,
+    fair_think=0.01,
+    fair_seconds=8.0,
+    idle_streams=1000,
+    profile_seconds=8,
+    perf_seconds=5,
+    ws_conns=10,
+    ws_seconds=10.0,
+    ws_warmup=1.0,
+)
+QUICK = dataclasses.replace(
+    FULL,
+    bulk_bytes=64 * MIB,
+    rate_seconds=3.0,
+    rate_warmup=0.5,
+    fair_seconds=3.0,
+    profile_seconds=4,
+    perf_seconds=3,
+    ws_seconds=3.0,
+    ws_warmup=0.5,
+)
 
 
 class Clients:
@@ -263,6 +293,37 @@ def measure_fairness(world: World, clients: Clients, s: Settings) -> dict[str, A
     }
 
 
+def measure_ws(world: World, clients: Clients, sampler: CpuSampler, s: Settings) -> dict[str, Any]:
+    """WebSocket echo round trips (64 B messages, closed loop), tunnel vs direct TLS."""
+    spec = {
+        "mode": "ws",
+        "conns": s.ws_conns,
+        "size": 64,
+        "duration": s.ws_seconds,
+        "warmup": s.ws_warmup,
+        "path": "/ws/echo",
+    }
+    out: dict[str, Any] = {"conns": s.ws_conns, "size": 64, "seconds": s.ws_seconds}
+    for tunnel, key in ((True, "tunnel"), (False, "direct")):
+        r = clients.run(tunnel, spec, timeout=s.ws_seconds + s.ws_warmup + 120)
+        share = sampler.share(r["t0"], r["t1"])
+        names = ("relay", "home", "app") if tunnel else ("direct",)
+        out[f"{key}_mps"] = round(r["rate"], 1)
+        out[f"{key}_messages"] = r["messages"]
+        out[f"{key}_p50_ms"] = round(r["p50_ms"], 2)
+        out[f"{key}_p99_ms"] = round(r["p99_ms"], 2)
+        out[f"{key}_max_ms"] = round(r["max_ms"], 2)
+        out[f"{key}_errors"] = r["errors"]
+        out[f"{key}_unclean_closes"] = r["unclean_closes"]
+        out[f"{key}_cpu_share"] = {n: round(share[n], 2) for n in names}
+        out[f"{key}_cpu_share"]["client"] = round(r["cpu"] / r["seconds"], 2)
+    out["ratio"] = round(out["tunnel_p99_ms"] / out["direct_p99_ms"], 2)
+    out["target_ratio"] = TARGETS["ws"]
+    # A connection lost under load fails the figure whatever the latency of the others.
+    out["pass"] = out["ratio"] <= TARGETS["ws"] and out["tunnel_errors"] == 0
+    return out
+
+
 def run_profile(world: World, clients: Clients, s: Settings, out_dir: Path) -> dict[str, Any]:
     """py-spy on the relay and the daemon under a bulk download, then under small requests."""
     py_spy = profile.find_py_spy()
@@ -339,58 +400,92 @@ def _ok(flag: bool) -> str:
 
 
 def table(r: dict[str, Any]) -> str:
-    b, q, f, m = r["bulk"], r["rate"], r["fairness"], r["memory"]
-    rows = [
-        ("figure", "tunnel", "baseline", "ratio", "target", "ok"),
-        (
-            f"bulk download MB/s ({b['bytes'] // MIB} MiB, median of {b['runs']})",
-            f"{b['tunnel_mbps']:.1f}",
-            f"{b['direct_mbps']:.1f} direct TLS",
-            f"{b['ratio']:.1%}",
-            f">= {b['target_ratio']:.0%}",
-            _ok(b["pass"]),
-        ),
-        (
-            f"GET /small req/s ({q['conns']} keep-alive conns, {q['seconds']:g} s)",
-            f"{q['tunnel_rps']:.0f}",
-            f"{q['direct_rps']:.0f} direct TLS",
-            f"{q['ratio']:.1%}",
-            f">= {q['target_ratio']:.0%}",
-            _ok(q["pass"]),
-        ),
-        (
-            "  latency p50 / p99 ms",
-            f"{q['tunnel_p50_ms']:.2f} / {q['tunnel_p99_ms']:.2f}",
-            f"{q['direct_p50_ms']:.2f} / {q['direct_p99_ms']:.2f}",
-            "",
-            "",
-            "",
-        ),
-        (
-            f"small p99 ms beside a bulk download ({f['conns']} conns)",
-            f"{f['p99_ms_with_bulk']:.2f}",
-            f"{f['p99_ms_alone']:.2f} no bulk",
-            f"{f['ratio']:.2f}x",
-            f"<= {f['target_ratio']:g}x",
-            _ok(f["pass"]),
-        ),
-        (
-            f"daemon KiB per idle stream ({m['streams']} streams)",
-            f"{m['home_kib_per_stream']:.1f}",
-            f"{m['home_kib_before'] / 1024:.1f} MiB at 0",
-            "",
-            f"<= {m['target_kib']:g}",
-            _ok(m["home_kib_per_stream"] <= m["target_kib"]),
-        ),
-        (
-            f"relay KiB per idle stream ({m['streams']} streams)",
-            f"{m['relay_kib_per_stream']:.1f}",
-            f"{m['relay_kib_before'] / 1024:.1f} MiB at 0",
-            "",
-            f"<= {m['target_kib']:g}",
-            _ok(m["relay_kib_per_stream"] <= m["target_kib"]),
-        ),
-    ]
+    """The figures measured in `r` (any subset of FIGURES) as rows, then the CPU lines."""
+    b, q, f, m, w = (r.get(name) for name in ("bulk", "rate", "fairness", "memory", "ws"))
+    rows = [("figure", "tunnel", "baseline", "ratio", "target", "ok")]
+    if b:
+        rows.append(
+            (
+                f"bulk download MB/s ({b['bytes'] // MIB} MiB, median of {b['runs']})",
+                f"{b['tunnel_mbps']:.1f}",
+                f"{b['direct_mbps']:.1f} direct TLS",
+                f"{b['ratio']:.1%}",
+                f">= {b['target_ratio']:.0%}",
+                _ok(b["pass"]),
+            )
+        )
+    if q:
+        rows += [
+            (
+                f"GET /small req/s ({q['conns']} keep-alive conns, {q['seconds']:g} s)",
+                f"{q['tunnel_rps']:.0f}",
+                f"{q['direct_rps']:.0f} direct TLS",
+                f"{q['ratio']:.1%}",
+                f">= {q['target_ratio']:.0%}",
+                _ok(q["pass"]),
+            ),
+            (
+                "  latency p50 / p99 ms",
+                f"{q['tunnel_p50_ms']:.2f} / {q['tunnel_p99_ms']:.2f}",
+                f"{q['direct_p50_ms']:.2f} / {q['direct_p99_ms']:.2f}",
+                "",
+                "",
+                "",
+            ),
+        ]
+    if w:
+        lost = w["tunnel_errors"] + w["direct_errors"]
+        unclean = w["tunnel_unclean_closes"] + w["direct_unclean_closes"]
+        trouble = f" ({lost} conns lost, {unclean} unclean closes)" if lost or unclean else ""
+        rows += [
+            (
+                f"WebSocket echo p99 ms ({w['conns']} conns, {w['size']} B)",
+                f"{w['tunnel_p99_ms']:.2f}",
+                f"{w['direct_p99_ms']:.2f} direct TLS",
+                f"{w['ratio']:.2f}x",
+                f"<= {w['target_ratio']:g}x",
+                _ok(w["pass"]),
+            ),
+            (
+                "  latency p50 ms",
+                f"{w['tunnel_p50_ms']:.2f}",
+                f"{w['direct_p50_ms']:.2f}",
+                "",
+                "",
+                "",
+            ),
+            (
+                "  messages/s" + trouble,
+                f"{w['tunnel_mps']:.0f}",
+                f"{w['direct_mps']:.0f}",
+                "",
+                "",
+                "",
+            ),
+        ]
+    if f:
+        rows.append(
+            (
+                f"small p99 ms beside a bulk download ({f['conns']} conns)",
+                f"{f['p99_ms_with_bulk']:.2f}",
+                f"{f['p99_ms_alone']:.2f} no bulk",
+                f"{f['ratio']:.2f}x",
+                f"<= {f['target_ratio']:g}x",
+                _ok(f["pass"]),
+            )
+        )
+    if m:
+        for name, label in (("home", "daemon"), ("relay", "relay")):
+            rows.append(
+                (
+                    f"{label} KiB per idle stream ({m['streams']} streams)",
+                    f"{m[f'{name}_kib_per_stream']:.1f}",
+                    f"{m[f'{name}_kib_before'] / 1024:.1f} MiB at 0",
+                    "",
+                    f"<= {m['target_kib']:g}",
+                    _ok(m[f"{name}_kib_per_stream"] <= m["target_kib"]),
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -398,19 +493,36 @@ def table(r: dict[str, Any]) -> str:
     def cpu(d: dict[str, float]) -> str:
         return ", ".join(f"{k} {v:g}" for k, v in d.items())
 
+    lines.append("")
+    if b:
+        lines.append(f"bulk CPU ms per MiB, tunnel: {cpu(b['tunnel_cpu_ms_per_mib'])}")
+        lines.append(f"bulk CPU ms per MiB, direct: {cpu(b['direct_cpu_ms_per_mib'])}")
+    for d, label in ((q, "req/s"), (w, "ws")):
+        if d:
+            lines.append(f"{label} CPU (1.0 = one core), tunnel: {cpu(d['tunnel_cpu_share'])}")
+            lines.append(f"{label} CPU (1.0 = one core), direct: {cpu(d['direct_cpu_share'])}")
+    notes = []
+    if f:
+        notes.append(f"bulk download beside the probe: {f['bulk_mbps']:.1f} MB/s")
+    if b:
+        notes.append(f"TLS {b['cipher']} (tunnel) / {b['direct_cipher']} (direct)")
+    notes.append(f"{r['cpus']} CPUs, Python {platform.python_version()}")
     lines += [
-        "",
-        f"bulk CPU ms per MiB, tunnel: {cpu(b['tunnel_cpu_ms_per_mib'])}",
-        f"bulk CPU ms per MiB, direct: {cpu(b['direct_cpu_ms_per_mib'])}",
-        f"req/s CPU (1.0 = one core), tunnel: {cpu(q['tunnel_cpu_share'])}",
-        f"req/s CPU (1.0 = one core), direct: {cpu(q['direct_cpu_share'])}",
-        f"bulk download beside the probe: {f['bulk_mbps']:.1f} MB/s; "
-        f"TLS {b['cipher']} (tunnel) / {b['direct_cipher']} (direct); "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "; ".join(notes),
         f"1-min load average before/after: {r['loadavg_before']} / {r['loadavg_after']} "
         "(anything else running on the machine skews every figure)",
     ]
     return "\n".join(lines)
+
+
+def _figures(value: str) -> tuple[str, ...]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(FIGURES))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure(s) {', '.join(unknown) or '(none given)'}; choose from {FIGURES}"
+        )
+    return tuple(n for n in FIGURES if n in names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +536,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where the raw py-spy stacks go (speedscope.app opens them)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--only",
+        type=_figures,
+        default=FIGURES,
+        metavar="FIGURES",
+        help=f"comma-separated subset of {','.join(FIGURES)} (default: all)",
+    )
     args = parser.parse_args(argv)
+    only: tuple[str, ...] = args.only
     s = QUICK if args.quick else FULL
     raise_nofile()
     started = time.monotonic()
@@ -434,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler: CpuSampler | None = None
     results: dict[str, Any] = {
         "quick": args.quick,
+        "only": list(only),
         "cpus": os.cpu_count(),
         "loadavg_before": round(os.getloadavg()[0], 2),
     }
@@ -446,14 +567,21 @@ def main(argv: list[str] | None = None) -> int:
         def step(name: str) -> None:
             print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
 
-        step("memory: idle streams")
-        results["memory"] = measure_memory(world, clients, s)
-        step("bulk download")
-        results["bulk"] = measure_bulk(world, clients, sampler, s)
-        step("small requests")
-        results["rate"] = measure_rate(world, clients, sampler, s)
-        step("fairness")
-        results["fairness"] = measure_fairness(world, clients, s)
+        if "memory" in only:
+            step("memory: idle streams")
+            results["memory"] = measure_memory(world, clients, s)
+        if "bulk" in only:
+            step("bulk download")
+            results["bulk"] = measure_bulk(world, clients, sampler, s)
+        if "rate" in only:
+            step("small requests")
+            results["rate"] = measure_rate(world, clients, sampler, s)
+        if "ws" in only:
+            step("WebSocket echo")
+            results["ws"] = measure_ws(world, clients, sampler, s)
+        if "fairness" in only:
+            step("fairness")
+            results["fairness"] = measure_fairness(world, clients, s)
         if args.profile:
             step("profile")
             results["profile"] = run_profile(world, clients, s, args.profile_dir)

@@ -167,7 +167,11 @@ def test_kill_9_during_churn_never_loses_or_tears_the_file(tmp_path: Path) -> No
         lines: list[str] = []
         reader = threading.Thread(target=lines.extend, args=(proc.stdout,))
         reader.start()
-        time.sleep(0.4 + 0.2 * round_)
+        # Kill mid-churn: after some commits (counted, not timed: the machine may be loaded).
+        deadline = time.monotonic() + 30
+        while sum(ln.startswith("+") for ln in list(lines)) < 10 + 20 * round_:
+            assert time.monotonic() < deadline and proc.poll() is None, lines[:5]
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         reader.join(10)

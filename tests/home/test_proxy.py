@@ -730,6 +730,84 @@ async def test_client_leaving_mid_response_closes_the_upstream() -> None:
     assert env.result == ResetCode.CANCEL
 
 
+class _ResetOnEof(trio.abc.Stream):
+    """The proxy's view of a client that vanished: TLS sees a cut, not a close_notify."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if not data:
+            raise trio.BrokenResourceError("client connection reset")
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_slow_answer_to_a_get_arrives_and_a_vanished_client_is_noticed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Answers past the quick path (a long poll) still arrive; a client that vanishes
+    while the upstream is silent frees the upstream connection at once."""
+    released = trio.Event()
+
+    async def app(stream: trio.abc.Stream) -> None:
+        up = Upstream(stream)
+        got = await up.request()
+        assert got is not None
+        if got[0].target == b"/slow":
+            await trio.sleep(20)
+            await up.respond(200, b"late")
+            up.next_cycle()
+            got = await up.request()
+        try:
+            await stream.receive_some(10)  # the long poll: silent until the client leaves
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        released.set()
+
+    async with running(app, response_timeout=60) as env:
+        response, body = await env.get("/slow")
+        assert (response.status_code, body) == (200, b"late")
+    config = UpstreamSection(url="http://upstream.test:8123", response_timeout=600)
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(app, theirs)
+            return ours
+
+        proxy = Proxy(config, Watchdog(WatchdogSection()), UpstreamPool(config, connect=connect))
+        client, server = trio.testing.memory_stream_pair()
+        results: list[int | None] = []
+        served = trio.Event()
+
+        async def serve() -> None:
+            results.append(await proxy.serve(_ResetOnEof(server), CLIENT_IP, HOST))
+            served.set()
+
+        nursery.start_soon(serve)
+        await client.send_all(b"GET /poll HTTP/1.1\r\nHost: home.test\r\n\r\n")
+        await trio.sleep(30)  # long past the quick path: the watcher is on duty
+        start = trio.current_time()
+        await client.aclose()
+        with trio.fail_after(5):
+            await released.wait()
+        assert trio.current_time() - start < 1
+        with trio.fail_after(5):
+            await served.wait()
+        assert results == [ResetCode.CANCEL]
+        nursery.cancel_scope.cancel()
+
+
 # -- the sans-IO helpers ----------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from typing import NoReturn
 
 import h11
@@ -51,6 +52,10 @@ BODY_GRACE = 1.0
 # Upstream failures that mean "this upstream connection is unusable".
 _UPSTREAM_ERRORS = (*STREAM_ERRORS, h11.ProtocolError)
 
+
+# How long a bodyless request's answer may take before a task starts watching the
+# client (see _Exchange._prefetch).
+PREFETCH_WAIT = 0.5
 
 # Hold small response pieces up to this size so they leave in one write.
 COALESCE_BYTES = 16 * 1024
@@ -390,6 +395,8 @@ class _Exchange:
         self.body_abandoned = False  # the upstream stopped taking the request body
         self.head_scope = trio.CancelScope()  # deadline set once the request is sent
         self._nursery: trio.Nursery | None = None
+        self._pending: deque[h11.Event | type[h11.PAUSED]] = deque()  # taken by _prefetch
+        self._pending_error: Exception | None = None
 
     def _stop(self, outcome: _Outcome, status: int = 0, why: str = "") -> None:
         if self.outcome is None:
@@ -422,6 +429,10 @@ class _Exchange:
         else:
             if self.bodyless:
                 self._request_sent()
+                if await self._prefetch():
+                    await self._response_side()  # all in hand: no waiting, no watcher
+                    assert self.outcome is not None
+                    return self.outcome
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._client_side)
@@ -429,6 +440,48 @@ class _Exchange:
                 nursery.cancel_scope.cancel()
         assert self.outcome is not None
         return self.outcome
+
+    async def _prefetch(self) -> bool:
+        """A bodyless request's answer, if it comes at once: True when it is all in hand.
+
+        Most answers to a GET arrive whole within a moment; relaying them needs no
+        task watching the client, whose start and cancellation cost more than the
+        rest of a small exchange. Slower answers (long polls, streams) get the
+        watcher, so a client that leaves is noticed while the upstream is silent.
+        """
+        up = self.up
+        with trio.move_on_at(min(self.head_scope.deadline, trio.current_time() + PREFETCH_WAIT)):
+            try:
+                event = await up.next_event()
+            except _UPSTREAM_ERRORS as exc:
+                self._pending_error = exc  # raised again, in order, to _response_side
+                return True
+            self._pending.append(event)
+        while self._pending:
+            last = self._pending[-1]
+            if isinstance(last, h11.EndOfMessage | h11.ConnectionClosed):
+                return True
+            if isinstance(last, h11.InformationalResponse) and last.status_code == 101:
+                return True
+            try:
+                ready = up.buffered_event()
+            except h11.RemoteProtocolError as exc:
+                self._pending_error = exc
+                return True
+            if ready is None:
+                return False
+            self._pending.append(ready)
+        return False
+
+    async def _upstream_event(self) -> h11.Event | type[h11.PAUSED]:
+        return self._buffered_event() or await self.up.next_event()
+
+    def _buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+        if self._pending:
+            return self._pending.popleft()
+        if self._pending_error is not None:
+            raise self._pending_error
+        return self.up.buffered_event()
 
     # -- client -> upstream -----------------------------------------------------
     async def _client_side(self) -> None:
@@ -515,11 +568,11 @@ class _Exchange:
             self._stop(_Outcome.ABORT if self.response_started else _Outcome.ERROR, 502, str(exc))
 
     async def _relay_response(self) -> None:
-        up, c = self.up, self.c
+        c = self.c
         response: h11.Response | None = None
         with self.head_scope:
             while response is None:
-                event = await up.next_event()
+                event = await self._upstream_event()
                 if isinstance(event, h11.Response):
                     response = event
                 elif isinstance(event, h11.InformationalResponse):
@@ -563,10 +616,10 @@ class _Exchange:
             flush=False,
         )
         while True:
-            ready = up.buffered_event()
+            ready = self._buffered_event()
             if ready is None:
                 await c.flush_client()  # never hold bytes while waiting for more
-                ready = await up.next_event()
+                ready = await self._upstream_event()
             event = ready
             if isinstance(event, h11.Data):
                 if peek is not None:

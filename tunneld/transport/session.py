@@ -105,8 +105,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._recv_conflict = True
         try:
-            await trio.lowlevel.checkpoint()
+            # A checkpoint either way, but one scheduler pass, not two, when parking.
+            yielded = False
             while True:
+                if not yielded and (
+                    self._recv or self._error is not None or self._recv_eof or self._detached
+                ):
+                    await trio.lowlevel.checkpoint()
+                    yielded = True
+                    continue
                 if self._recv:
                     if max_bytes is None or max_bytes >= len(self._recv):
                         data = bytes(self._recv)
@@ -123,6 +130,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._detached:
                     raise trio.ClosedResourceError("stream was closed")
                 await self._lot.park()
+                yielded = True
         finally:
             self._recv_conflict = False
 
