@@ -17,8 +17,9 @@ import trio
 import trio.testing
 import trio_websocket
 
-from tunneld.transport.session import MuxSession, MuxStream
+from tunneld.transport.session import PONG_BACKLOG, MuxSession, MuxStream
 from tunneld.wire import events as ev
+from tunneld.wire.frames import decode, encode
 from tunneld.wire.mux import Connection, Role
 
 
@@ -265,3 +266,80 @@ async def test_many_streams_coalesce_into_few_messages() -> None:
                     nursery.start_soon(client, s)
             # 200 concurrent OPEN+DATA+EOF triples share WebSocket messages.
             assert pair.relay_ws.messages_sent - before < 100
+
+
+# -- a hand-driven peer: raw frames against a real relay session ----------------------------
+
+
+@asynccontextmanager
+async def relay_with_raw_peer() -> AsyncIterator[tuple[MuxSession, FakeWebSocket, trio.Nursery]]:
+    """A relay MuxSession after HELLO/WELCOME; the test speaks frames on `peer`.
+    The HELLO arrives together with whatever the test queues first (see below)."""
+    relay_ws, peer = ws_pair()
+    relay = MuxSession(relay_ws, Connection(Role.RELAY, window=65536), session_id="r")
+    async with trio.open_nursery() as nursery:
+        yield relay, peer, nursery
+        nursery.cancel_scope.cancel()
+
+
+HELLO = ev.Hello(version="test", hostnames=("h.test",), window=65536, max_streams=10)
+
+
+async def handshake(relay: MuxSession, peer: FakeWebSocket, *after: ev.Event) -> None:
+    """HELLO plus `after` in ONE message, as a peer may coalesce them."""
+    await peer.send_message(b"".join(encode(e) for e in (HELLO, *after)))
+    assert isinstance(await relay.receive_handshake(), ev.Hello)
+    await relay.send_now(
+        ev.Welcome(session_id="r", hostnames=("h.test",), window=65536, ping_interval=20)
+    )
+    assert isinstance(decode(await peer.get_message())[0], ev.Welcome)
+
+
+async def test_frames_that_came_with_the_hello_are_handled_without_another_read() -> None:
+    async with relay_with_raw_peer() as (relay, peer, nursery):
+        await handshake(relay, peer, ev.Ping(b"12345678"))
+        nursery.start_soon(relay.run)
+        with trio.fail_after(5):
+            assert decode(await peer.get_message()) == [ev.Pong(b"12345678")]
+
+
+async def test_protocol_violation_is_answered_with_goaway_then_closed() -> None:
+    async with relay_with_raw_peer() as (relay, peer, _):
+        await handshake(relay, peer)
+        await peer.send_message(encode(ev.Data(9, b"x")))  # a stream never opened
+        with trio.fail_after(5):
+            await relay.run()  # returns: a peer's violation is not our crash
+            frames = decode(await peer.get_message())
+        assert relay.protocol_error is not None
+        assert relay.close_reason == "protocol error: DATA for stream 9, never opened"
+        assert len(frames) == 1 and isinstance(frames[0], ev.GoAway)
+        assert frames[0].code == ev.ResetCode.PROTOCOL_ERROR
+
+
+async def test_ping_flood_from_a_peer_that_never_reads_stops_our_reading() -> None:
+    """Unread PONGs pile up to PONG_BACKLOG, then the session reads no more (so its
+    memory stays bounded); once the peer reads, every PING is answered, in order."""
+    async with relay_with_raw_peer() as (relay, peer, nursery):
+        await handshake(relay, peer)
+        nursery.start_soon(relay.run)
+        n = 3 * PONG_BACKLOG
+        pings = [ev.Ping(i.to_bytes(8, "big")) for i in range(n)]
+        sent = 0
+        with trio.move_on_after(1):  # the pipe holds 4 messages: sends block once unread
+            for i in range(0, n, 64):
+                await peer.send_message(b"".join(encode(p) for p in pings[i : i + 64]))
+                sent += 64
+        assert sent < n, "the session kept reading although its PONGs were never read"
+        queued = relay._conn.statistics().buffered_output
+        assert queued <= 2 * PONG_BACKLOG * len(encode(ev.Pong(b"12345678")))
+
+        async def rest() -> None:
+            for i in range(sent, n, 64):
+                await peer.send_message(b"".join(encode(p) for p in pings[i : i + 64]))
+
+        nursery.start_soon(rest)
+        answered: list[ev.Event] = []
+        with trio.fail_after(10):
+            while len(answered) < n:
+                answered += decode(await peer.get_message())
+        assert answered == [ev.Pong(p.payload) for p in pings]

@@ -279,6 +279,20 @@ def test_open_limit_on_both_sides() -> None:
         home.next_event()
 
 
+def test_relay_also_keeps_its_own_stream_limit() -> None:
+    home = Connection(Role.HOME, window=HOME_WINDOW, max_streams=100)
+    relay = Connection(Role.RELAY, window=RELAY_WINDOW, max_streams=2)
+    home.send(hello(max_streams=100))
+    transfer(home, relay)
+    relay.send(welcome())
+    transfer(relay, home)
+    open_stream(home, relay)
+    open_stream(home, relay)
+    with pytest.raises(LocalProtocolError, match="2 open streams per session") as info:
+        relay.send(Open(relay.next_stream_id(), "192.0.2.1", 1, "h"))
+    assert info.value.error_code == ResetCode.REFUSED
+
+
 def test_closed_stream_counts_until_its_eof_is_flushed() -> None:
     # Else the relay's next OPEN could overtake its own queued EOF and break the home's limit.
     home, relay = pair(max_streams=1)

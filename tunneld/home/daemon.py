@@ -128,6 +128,7 @@ class Daemon:
             "replaced": st.replaced,
             "rtt_ms": round(st.rtt * 1000, 2) if st.rtt is not None else None,
             "reconnects": st.reconnects,
+            "tasks": trio.lowlevel.current_statistics().tasks_living,
             "streams": {
                 "active": streams.active,
                 "total": streams.total,

@@ -85,7 +85,23 @@ class UpstreamConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        """The exchange ended cleanly and nothing came after the response.
+
+        Bytes past the response's end (a body sent to HEAD, a wrong Content-Length)
+        would be read as the answer to the next request, maybe another client's.
+        """
+        conn = self.h11
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE and not self._stray()
+
+    @property
+    def idle(self) -> bool:
+        """Ready for a new request (`next_cycle` done) with nothing unread."""
+        conn = self.h11
+        return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self._stray()
+
+    def _stray(self) -> bool:
+        data, closed = self.h11.trailing_data
+        return bool(data) or closed
 
     def looks_closed(self) -> bool:
         """An idle connection with anything to read (EOF, stray bytes) is unusable."""
@@ -166,8 +182,9 @@ class UpstreamPool:
 
     async def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool when its exchange ended cleanly, else closed."""
-        if conn.reusable and len(self._idle) < self.size:
-            conn.next_cycle()
+        if (conn.reusable or conn.idle) and len(self._idle) < self.size:
+            if conn.reusable:
+                conn.next_cycle()
             self._idle.append(conn)
             return
         await conn.aclose()

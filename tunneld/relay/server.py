@@ -440,7 +440,9 @@ class Relay:
                 )
             )
         except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
-            log.warning("session from %s failed its handshake: %s", ip, exc or type(exc).__name__)
+            log.warning(
+                "session from %s failed its handshake: %s", ip, str(exc) or type(exc).__name__
+            )
             with trio.move_on_after(2):
                 await ws.aclose(1002, "handshake failed")
             return
@@ -470,9 +472,8 @@ class Relay:
 
         try:
             await mux.run(extra=extra)
-        except ProtocolError as exc:
-            log.warning("session %s closed: protocol error: %s", session_id, exc)
-            mux.close_reason = f"protocol error: {exc}"
+            if mux.protocol_error is not None:
+                log.warning("session %s closed: %s", session_id, mux.close_reason)
         finally:
             self.registry.unregister(home)
             log.info("session %s ended (%s)", session_id, mux.close_reason or "closed")
@@ -543,6 +544,7 @@ class Relay:
             "listen": [f"{h}:{p}" for h, p in self.listening],
             "started": _iso(self.started_at),
             "sessions": sessions,
+            "tasks": trio.lowlevel.current_statistics().tasks_living,
             "connections": {
                 "total": self.stats.connections_total,
                 "routed": self.stats.routed_total,

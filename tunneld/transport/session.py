@@ -33,6 +33,9 @@ MESSAGE_BYTES = 256 * 1024
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 RECEIVE_BUFFER = 256 * 1024
 CLOSE_TIMEOUT = 3.0
+# PONGs queued before the reader waits for the writer to send them.
+PONG_BACKLOG = 1024
+GOAWAY_REASON = 200  # characters of a protocol error's text sent in GOAWAY
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,9 @@ class MuxSession:
         self.idle = trio.Event()  # set whenever no stream is open
         self.idle.set()
         self.finished = trio.Event()  # set once run() has closed the WebSocket
+        self.protocol_error: RemoteProtocolError | None = None  # what ended the session
+        self._pong_backlog = 0  # PONGs queued since the writer last drained everything
+        self._flushed = trio.Event()  # set (and replaced) each time the writer drained
 
     # -- handshake helpers (run before `run`) ---------------------------------
     async def send_now(self, event: ev.Event) -> None:
@@ -407,24 +413,47 @@ class MuxSession:
             except (ChannelClosed, trio_websocket.ConnectionClosed) as exc:
                 self.close(_describe_close(exc))
                 return
+            self._pong_backlog = 0
+            self._flushed.set()
+            self._flushed = trio.Event()
 
     async def _reader(self) -> None:
-        while True:
-            try:
-                message = await self._ws.get_message()
-            except (ChannelClosed, trio_websocket.ConnectionClosed) as exc:
-                self.close_reason = self.close_reason or _describe_close(exc)
-                return
-            self._feed_message(message)
+        """Dispatch events until the session ends; a violation is answered with GOAWAY.
+
+        Events come before each read: frames that arrived with HELLO/WELCOME are
+        already buffered by `receive_handshake`.
+        """
+        try:
             while True:
-                event = self._conn.next_event()
-                if event is ev.NEED_DATA:
-                    break
-                assert isinstance(event, ev.Event)
-                if isinstance(event, ev.ConnectionClosed):
-                    self.close_reason = self.close_reason or "peer closed the session"
+                while True:
+                    event = self._conn.next_event()
+                    if event is ev.NEED_DATA:
+                        break
+                    assert isinstance(event, ev.Event)
+                    if isinstance(event, ev.ConnectionClosed):
+                        self.close_reason = self.close_reason or "peer closed the session"
+                        return
+                    self._dispatch(event)
+                    if self._pong_backlog >= PONG_BACKLOG:
+                        await self._wait_flushed()
+                try:
+                    message = await self._ws.get_message()
+                except (ChannelClosed, trio_websocket.ConnectionClosed) as exc:
+                    self.close_reason = self.close_reason or _describe_close(exc)
                     return
-                self._dispatch(event)
+                self._feed_message(message)
+        except RemoteProtocolError as exc:
+            self.protocol_error = exc
+            self.close_reason = self.close_reason or f"protocol error: {exc}"
+            # Sent by run()'s final flush, before the transport closes (PROTOCOL.md 7).
+            self._send_quietly(ev.GoAway(exc.error_code, str(exc)[:GOAWAY_REASON]))
+
+    async def _wait_flushed(self) -> None:
+        """Read no more until our PONGs went out: a peer that floods PINGs and never
+        reads its answers must not grow our memory (cf. HTTP/2's CVE-2019-9512)."""
+        while self._pong_backlog >= PONG_BACKLOG:
+            self._wake_writer.set()
+            await self._flushed.wait()
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.Data):
@@ -453,6 +482,7 @@ class MuxSession:
             self._accept(event)
         elif isinstance(event, ev.Ping):
             self._send(ev.Pong(event.payload))
+            self._pong_backlog += 1
         elif isinstance(event, ev.Pong):
             if event.payload in self._pings:
                 self._pings.clear()

@@ -62,8 +62,9 @@ opened is a RemoteProtocolError.
 
 A stream counts towards `open_streams` until it is forgotten, so the relay's
 count never undercounts the home's (a CLOSED stream whose EOF is still queued
-still counts): the relay checks `open_streams < peer_max_streams` before
-`send(Open)` and the home can reject any OPEN over its `max_streams`.
+still counts): the relay checks `open_streams` against both the home's
+`peer_max_streams` and its own `max_streams` before `send(Open)`, and the home
+can reject any OPEN over its `max_streams`.
 
 Flow control (per stream, credit based, no connection window)
 --------------------------------------------------------------
@@ -568,6 +569,10 @@ class Connection:
             raise LocalProtocolError(
                 f"the home accepts at most {self._peer_max_streams} open streams",
                 ResetCode.REFUSED,
+            )
+        if len(self._streams) >= self._max_streams:  # the relay's own limit per session
+            raise LocalProtocolError(
+                f"at most {self._max_streams} open streams per session", ResetCode.REFUSED
             )
         self._last_stream_id = sid
         self._next_id = max(self._next_id, sid + 1)
