@@ -100,6 +100,7 @@ class World:
     relay_port: int = 0
     app_port: int = 0
     tunnel_port: int = 0  # where the daemon dials, when not the relay itself (fault proxy)
+    fault_control_port: int = 0  # the fault proxy's command port
     relay_overrides: dict[str, Any] = field(default_factory=dict)
     home_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -243,9 +244,12 @@ class World:
         return proc
 
     def start_fault_proxy(self) -> Proc:
-        """tests/faultproxy.py between daemon and relay; the daemon dials it."""
+        """tests/faultproxy.py between daemon and relay; the daemon dials it.
+        Faults by signal (see faultproxy.py) or by `fault()`."""
         port_file = self.root / "proxy.port"
+        control_file = self.root / "proxy.control.port"
         port_file.unlink(missing_ok=True)
+        control_file.unlink(missing_ok=True)
         proc = self.spawn(
             "faultproxy",
             [
@@ -256,11 +260,33 @@ class World:
                 f"127.0.0.1:{self.relay_port}",
                 "--port-file",
                 str(port_file),
+                "--control-port-file",
+                str(control_file),
             ],
         )
+        # The control port file is written first, so both exist once this one does.
         wait_for(port_file.exists, what="fault proxy port file")
         self.tunnel_port = int(port_file.read_text())
+        self.fault_control_port = int(control_file.read_text())
         return proc
+
+    def fault(self, command: str, timeout: float = 10) -> str:
+        """One command to the fault proxy (`pass`, `delay MS`, `throttle BPS`, `stall`,
+        `resume`, `cut`, `reset`, `status`); returns its `ok ...` answer."""
+        with socket.create_connection(
+            ("127.0.0.1", self.fault_control_port), timeout=timeout
+        ) as conn:
+            conn.sendall(command.encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                data = conn.recv(4096)
+                if not data:
+                    break
+                answer += data
+        text = answer.decode().strip()
+        if not text.startswith("ok"):
+            raise AssertionError(f"fault proxy refused {command!r}: {text!r}")
+        return text
 
     def start_all(self) -> None:
         self.start_app()
@@ -342,3 +368,163 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, body
+
+
+# -- a hand-driven tunnel session (hostile-input and auth tests) ------------------
+
+
+def relay_endpoint(world: World, timeout: float = 10, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A TLS connection to the relay's own hostname (its /v1/tunnel endpoint)."""
+    ctx = ssl.create_default_context(cafile=str(world.ca_file))
+    raw = socket.create_connection(
+        ("127.0.0.1", world.relay_port), timeout=timeout, source_address=(source, 0)
+    )
+    return ctx.wrap_socket(raw, server_hostname=RELAY_HOST)
+
+
+@dataclass
+class Upgrade:
+    """The relay's answer to a tunnel upgrade request."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes  # a refusal's JSON body; after a 101, bytes already read past the head
+    sock: ssl.SSLSocket
+
+    def reason(self) -> str:
+        return str(json.loads(self.body)["reason"])
+
+
+def tunnel_upgrade(
+    world: World,
+    headers: list[tuple[str, str]],
+    timeout: float = 10,
+    raw: bool = True,
+    source: str = "127.0.0.1",
+) -> Upgrade:
+    """Send the daemon's WebSocket upgrade for /v1/tunnel with `headers` added.
+
+    `raw` offers the tunneld-raw.1 subprotocol (mux frames straight on TLS).
+    """
+    from tunneld.transport.channel import RAW_SUBPROTOCOL
+
+    sock = relay_endpoint(world, timeout, source)
+    lines = [
+        "GET /v1/tunnel HTTP/1.1",
+        f"Host: {RELAY_HOST}:{world.relay_port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *([f"Sec-WebSocket-Protocol: {RAW_SUBPROTOCOL}"] if raw else []),
+        *(f"{k}: {v}" for k, v in headers),
+    ]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline or len(buf) > 65536:
+            raise AssertionError(f"no answer head from the relay: {buf[:200]!r}")
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"relay closed before answering: {buf[:200]!r}")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status, fields, _ = split_response(head + b"\r\n\r\n")
+    if status != 101:
+        rest += b"".join(iter_recv(sock))  # refusals end with Connection: close
+    return Upgrade(status, fields, rest, sock)
+
+
+def tunnel_headers(token: str, hostnames: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The headers a daemon sends (tunneld/home/connector.py), for this token and names."""
+    from tunneld import __version__
+
+    headers = [("Authorization", f"Bearer {token}"), ("Tunneld-Version", __version__)]
+    if hostnames:
+        headers.append(("Tunneld-Hostnames", ", ".join(hostnames)))
+    return headers
+
+
+@dataclass
+class RawSession:
+    """A session driven frame by frame from a test, after the real handshake.
+
+    Behaves like a daemon only as far as a test tells it to: nothing is sent
+    unless the test sends it (no PONGs, no WINDOWs).
+    """
+
+    sock: ssl.SSLSocket
+    welcome: Any  # tunneld.wire.events.Welcome
+    decoder: Any  # tunneld.wire.frames.FrameDecoder
+
+    def send(self, *events: Any) -> None:
+        from tunneld.wire.frames import encode
+
+        self.sock.sendall(b"".join(encode(e) for e in events))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def next_event(self, timeout: float = 10) -> Any:
+        """The relay's next frame as an event; None when the relay ended the connection."""
+        deadline = time.monotonic() + timeout
+        while (event := self.decoder.next_event()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no frame from the relay within {timeout}s")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(262144)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError):
+                return None
+            except TimeoutError:
+                continue
+            if not data:
+                return None
+            self.decoder.feed(data)
+        return event
+
+    def wait_closed(self, timeout: float = 15) -> list[Any]:
+        """Read until the relay ends the connection; the frames it sent meanwhile.
+
+        A stall (the relay keeps the connection open) fails after `timeout`.
+        """
+        events: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while (
+            event := self.next_event(max(0.0, deadline - time.monotonic()) or 0.001)
+        ) is not None:
+            events.append(event)
+        return events
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_raw_session(
+    world: World,
+    token: str,
+    hostnames: tuple[str, ...],
+    *,
+    window: int = 262144,
+    max_streams: int = 1000,
+    hello_hostnames: tuple[str, ...] | None = None,
+    source: str = "127.0.0.1",
+) -> RawSession:
+    """Upgrade with `token` over tunneld-raw.1, send HELLO, and read the WELCOME."""
+    from tunneld import __version__
+    from tunneld.wire.events import Hello, Welcome
+    from tunneld.wire.frames import FrameDecoder
+
+    up = tunnel_upgrade(world, tunnel_headers(token, hostnames), source=source)
+    assert up.status == 101, (up.status, up.body)
+    decoder = FrameDecoder()
+    decoder.feed(up.body)
+    session = RawSession(up.sock, None, decoder)
+    names = hostnames if hello_hostnames is None else hello_hostnames
+    session.send(Hello(__version__, names, window, max_streams))
+    welcome = session.next_event()
+    assert isinstance(welcome, Welcome), welcome
+    session.welcome = welcome
+    return session

@@ -158,7 +158,9 @@ def test_newer_session_replaces_older_one(world: World) -> None:
         },
     }
     try:
-        second.start_home()
+        # Not waited for as "connected": the first daemon soon takes over again (its
+        # backoff is short) and a status poll may well miss the second's moment.
+        second.start_home(wait_connected=False)
         wait_for(
             lambda: "replaced by another session" in first_home.log(),
             timeout=15,
