@@ -730,6 +730,35 @@ async def test_client_leaving_mid_response_closes_the_upstream() -> None:
     assert env.result == ResetCode.CANCEL
 
 
+async def test_bytes_past_a_response_never_answer_the_next_request() -> None:
+    """An upstream that sends more than its Content-Length (or a body to HEAD): the
+    stray bytes must not become the answer to the next request on that connection."""
+
+    tainted = 0
+
+    async def app(stream: trio.abc.Stream) -> None:
+        nonlocal tainted
+        if tainted:
+            await echo_app(stream)  # later connections answer honestly
+            return
+        tainted += 1
+        up = Upstream(stream)
+        got = await up.request()
+        assert got is not None
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst"
+            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON"
+        )
+        await echo_app(stream)
+
+    async with running(app) as env:
+        response, body = await env.get("/one")
+        assert (response.status_code, body) == (200, b"first")
+        echo = await env.echoed("/two")
+        assert echo["target"] == "/two"
+        assert env.connections == 2  # the tainted connection was dropped, not reused
+
+
 class _ResetOnEof(trio.abc.Stream):
     """The proxy's view of a client that vanished: TLS sees a cut, not a close_notify."""
 

@@ -459,7 +459,7 @@ class _Exchange:
             self._pending.append(event)
         while self._pending:
             last = self._pending[-1]
-            if isinstance(last, h11.EndOfMessage | h11.ConnectionClosed):
+            if last is h11.PAUSED or isinstance(last, h11.EndOfMessage | h11.ConnectionClosed):
                 return True
             if isinstance(last, h11.InformationalResponse) and last.status_code == 101:
                 return True

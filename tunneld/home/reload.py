@@ -94,7 +94,7 @@ async def reload_daemon(daemon: Daemon) -> bool:
         if old.upstream != new.upstream:
             await daemon.streams.proxy.reconfigure(new.upstream)
         if old.watchdog != new.watchdog:
-            _reconfigure_watchdog(daemon, new)
+            daemon.streams.watchdog.reconfigure(new.watchdog)
         if certs is not daemon.certs:
             daemon.certs = daemon.streams.certs = certs
         if certs_changed:
@@ -111,10 +111,3 @@ async def reload_daemon(daemon: Daemon) -> bool:
         return False
     finally:
         notify_reloaded(f"{daemon.connector.state.state} (config reloaded)")
-
-
-def _reconfigure_watchdog(daemon: Daemon, new: HomeConfig) -> None:
-    watchdog = daemon.streams.watchdog
-    watchdog.config = new.watchdog
-    # The trusted proxies are kept pre-extracted for the per-request check.
-    watchdog._trusted = new.watchdog.trusted_proxies

@@ -101,7 +101,15 @@ class UpstreamConnection:
 
     def _stray(self) -> bool:
         data, closed = self.h11.trailing_data
-        return bool(data) or closed
+        if data or closed:
+            return True
+        if isinstance(self.stream, trio.SSLStream):
+            # Records already read from the socket but not yet asked for: `pending()`
+            # is the SSLObject's (forwarded by SSLStream); the encrypted rest sits in
+            # trio's incoming BIO, which has no public accessor.
+            incoming = getattr(self.stream, "_incoming", None)
+            return bool(self.stream.pending() or getattr(incoming, "pending", 0))
+        return False
 
     def looks_closed(self) -> bool:
         """An idle connection with anything to read (EOF, stray bytes) is unusable."""

@@ -120,6 +120,11 @@ class Watchdog:
         # ban key -> times of its recent failures, least recently failed first
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
+    def reconfigure(self, config: WatchdogSection) -> None:
+        """New limits and trusted proxies (reload); counts and bans are kept."""
+        self.config = config
+        self._trusted = config.trusted_proxies
+
     def trusts(self, ip: str) -> bool:
         """True when `ip` is a trusted proxy, whose forwarded chain is believed."""
         return bool(self._trusted) and is_trusted(ip, self._trusted)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from tunneld.config import RelaySection
 from tunneld.errors import ConfigError, KeyFileError
 from tunneld.pki import CertificateInfo, certificate_info
-from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.reload import (
     load_new,
     log_failure,
@@ -91,8 +90,7 @@ async def reload_relay(relay: Relay) -> bool:
         settings.replace(result.config, result.needs_restart)
         relay.set_tls(context, info)
         relay.set_public_keys(keys)
-        if cfg.connections_per_ip_per_second != relay._rate.rate:
-            relay._rate = ConnectionRate(cfg.connections_per_ip_per_second)  # fresh buckets
+        relay.set_connection_rate(cfg.connections_per_ip_per_second)
         for session in list(relay.registry.sessions):
             if session.token_id in newly_revoked:
                 log.warning(

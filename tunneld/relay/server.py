@@ -113,6 +113,11 @@ class Relay:
     def set_public_keys(self, keys: tuple[Ed25519PublicKey, ...]) -> None:
         self._public_keys = keys
 
+    def set_connection_rate(self, per_second: int) -> None:
+        """A changed per-address rate starts with fresh buckets; an unchanged one keeps them."""
+        if per_second != self._rate.rate:
+            self._rate = ConnectionRate(per_second)
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -279,6 +279,12 @@ class MuxSession:
                 if extra is not None:
                     extra(nursery)
                 await self._reader()
+                if self.protocol_error is not None:
+                    # Let the writer send the GOAWAY: cancelling it mid-write would
+                    # break the transport and lose the very frame that says why.
+                    self._wake_writer.set()
+                    with trio.move_on_after(CLOSE_TIMEOUT / 3):
+                        await self._flushed.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._closed = True
