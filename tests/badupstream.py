@@ -3,7 +3,8 @@
 `python -m tests.badupstream --port-file F --record R [--port P]` serves HTTP/1.1
 on 127.0.0.1. Every byte it receives is appended to R as JSON lines
 (`{"conn": n, "data": "<latin-1 text>"}`, at most RECORD_LIMIT bytes per
-connection), so a test can prove that a request never reached the upstream.
+connection, then one `{"conn": n, "truncated": true}`), so a test can prove that a
+request never reached the upstream: `received()` fails on a truncated recording.
 
 Routes, by path (anything else is `/ok`):
   /ok                 200 `ok <METHOD> <target> <body bytes>`, keep-alive
@@ -41,7 +42,9 @@ if TYPE_CHECKING:
     from tests.integration.harness import Proc, World
 
 RECEIVE_SIZE = 65536
-RECORD_LIMIT = 256 * 1024
+# Far above what the pooled connections of a test module carry (a few thousand small
+# requests); past it a recording can no longer prove absence, and says so.
+RECORD_LIMIT = 16 * 1024 * 1024
 CUT_BODY = 1024 * 1024  # the promised body of /close-mid
 CUT_SENT = 64 * 1024  # what is sent of it
 MAX_WAIT = 600.0  # nothing here waits longer than this
@@ -56,11 +59,14 @@ class Recorder:
 
     def record(self, conn: int, data: bytes) -> None:
         done = self.recorded.get(conn, 0)
-        if self.out is None or not data or done >= RECORD_LIMIT:
+        if self.out is None or not data or done > RECORD_LIMIT:
             return
         piece = data[: RECORD_LIMIT - done]
-        self.recorded[conn] = done + len(piece)
-        self.out.write(json.dumps({"conn": conn, "data": piece.decode("latin-1")}) + "\n")
+        self.recorded[conn] = done + len(data)  # over the limit: truncated, once
+        if piece:
+            self.out.write(json.dumps({"conn": conn, "data": piece.decode("latin-1")}) + "\n")
+        if len(piece) < len(data):
+            self.out.write(json.dumps({"conn": conn, "truncated": True}) + "\n")
         self.out.flush()
 
 
@@ -264,16 +270,20 @@ def record_path(world: World) -> Path:
 
 
 def received(world: World) -> dict[int, bytes]:
-    """What each upstream connection received so far (up to RECORD_LIMIT bytes each)."""
+    """What each upstream connection received so far.
+
+    Fails, rather than under-report, when there is no recording or a connection's
+    was cut at RECORD_LIMIT: either would make "never reached the upstream" vacuous.
+    """
     out: dict[int, bytes] = {}
     path = record_path(world)
-    if not path.exists():
-        return out
+    assert path.is_file(), f"no upstream recording at {path}"
     for line in path.read_text(encoding="latin-1").splitlines():
         try:
             item = json.loads(line)
         except ValueError:
             continue  # a line being written right now
+        assert "truncated" not in item, f"upstream connection {item['conn']} passed RECORD_LIMIT"
         out[item["conn"]] = out.get(item["conn"], b"") + item["data"].encode("latin-1")
     return out
 
@@ -314,7 +324,7 @@ def requests_received(world: World) -> list[Received]:
                     parser.send(h11.EndOfMessage())
                     parser.start_next_cycle()
         except h11.ProtocolError:
-            pass  # the rest of this connection is not HTTP (an upgrade, or cut by the cap)
+            pass  # the rest of this connection is not HTTP (an upgrade, say)
     return out
 
 

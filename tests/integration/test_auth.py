@@ -340,6 +340,8 @@ def test_daemon_claiming_a_hostname_outside_its_token_never_gets_it(site: Site) 
         assert "hostname_not_allowed" in status["last_error"] and B_HOST in status["last_error"]
         for _ in range(3):
             assert fingerprint_for(site, B_HOST) == b_fp  # b.test still reaches B only
+        status = control_json(site.a.socket, "/v1/status")  # after the probes, not before
+        assert "hostname_not_allowed" in status["last_error"]
         assert B_HOST not in status["hostnames"] or status["state"] != "connected"
         proc.stop()
     finally:

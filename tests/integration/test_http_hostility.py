@@ -112,6 +112,17 @@ def upstream_raw(world: World) -> bytes:
     return b"".join(badupstream.received(world).values())
 
 
+def recording(world: World, markers: list[str]) -> tuple[bytes, list[bytes]]:
+    """What the upstream received (raw, complete request targets), checked first to hold
+    every marker GET sent after an attack: the positive control without which "not in
+    the recording" would not mean "never reached the upstream"."""
+    raw, targets = upstream_raw(world), upstream_targets(world)
+    missing = [m for m in markers if f"GET {m} HTTP/1.1\r\n".encode() not in raw]
+    missing += [m for m in markers if m.encode() not in targets]
+    assert not missing, f"marker requests missing from the upstream recording: {missing}"
+    return raw, targets
+
+
 # -- request smuggling and CR/LF injection -----------------------------------------------
 
 
@@ -224,8 +235,7 @@ async def test_smuggling_and_injection_refused_and_never_reach_the_upstream(worl
             await normal_get(world, f"/ok?after={name}")
     print(f"\nsmuggling/injection: {len(results)} refused: {results}; monitor {len(latencies)} ok")
     await trio.sleep(0.5)  # the recording is written as bytes arrive
-    raw = upstream_raw(world)
-    targets = upstream_targets(world)
+    raw, targets = recording(world, [f"/ok?after={name}" for name in results])
     assert b"/smuggled/x" not in raw
     assert b"X-Injected" not in raw
     for name, _ in _cases():
@@ -257,7 +267,9 @@ async def test_bare_lf_heads_are_reframed_so_nothing_is_smuggled(world: World) -
                 )
             assert reply.status in (200, 400), (name, reply)
             assert rest == b""
+            await normal_get(world, f"/ok?after={name}")
     await trio.sleep(0.5)
+    raw, targets = recording(world, [f"/ok?after={name}" for name in cases])
     got = [r for r in badupstream.requests_received(world) if r.target.startswith(b"/attack/")]
     got = [r for r in got if r.target in (b"/attack/bare-lf", b"/attack/lf-xff")]
     for request in got:
@@ -266,8 +278,7 @@ async def test_bare_lf_heads_are_reframed_so_nothing_is_smuggled(world: World) -
         assert xff == [b"127.0.6.1"]
     assert len(got) == 2
     # The smuggled bytes arrived as a body, never as a request of their own.
-    assert not [t for t in upstream_targets(world) if t.startswith(b"/smuggled/")]
-    raw = upstream_raw(world)
+    assert not [t for t in targets if t.startswith(b"/smuggled/")]
     assert b"6.6.6.6" not in raw
     assert b"/attack/bare-lf HTTP/1.1\n" not in raw  # re-framed, not passed through
     print(f"\nbare LF: {sorted(r.target.decode() for r in got)} forwarded re-framed")
@@ -283,6 +294,7 @@ async def test_oversized_heads_get_431_without_waiting_for_their_end(world: Worl
         for name, data in (("many-headers", many), ("long-target", long_target)):
             reply, _ = await raw_exchange(world.relay_port, context(world), data, "127.0.7.1")
             assert reply.status == 431, (name, reply)
+            await normal_get(world, f"/ok?after={name}")
         # A head that keeps growing and never ends: refused once it passes the limit,
         # long before any end (the daemon buffers at most the limit).
         stream = await open_tls(world.relay_port, context(world), "127.0.7.2")
@@ -309,9 +321,12 @@ async def test_oversized_heads_get_431_without_waiting_for_their_end(world: Worl
         await trio.aclose_forcefully(stream)
         assert replies[0].status == 431, replies[0]
         assert sent < 16 * MAX_HEADER_SIZE
-    raw = upstream_raw(world)
-    for name in (b"many-headers", b"long-target", b"endless-head"):
-        assert b"/attack/" + name not in raw
+        await normal_get(world, "/ok?after=endless-head")
+    await trio.sleep(0.5)  # the recording is written as bytes arrive
+    names = ["many-headers", "long-target", "endless-head"]
+    raw, _ = recording(world, [f"/ok?after={name}" for name in names])
+    for name in names:
+        assert f"/attack/{name}".encode() not in raw
 
 
 # -- slowloris -----------------------------------------------------------------------------
@@ -415,6 +430,7 @@ async def test_slowloris_at_home_trickled_head_gets_408_on_time(world: World) ->
             await normal_get(world, f"/ok?during-home-loris={gets}")
             gets += 1
             await trio.sleep(0.3)
+        await normal_get(world, "/ok?after=home-loris")
     times = [t for _, t in replies]
     print(
         f"\nhome slowloris: 20 answered 408 after {min(times):.1f}-{max(times):.1f}s; {gets} GETs"
@@ -422,7 +438,10 @@ async def test_slowloris_at_home_trickled_head_gets_408_on_time(world: World) ->
     for reply, _ in replies:
         assert reply.status == 408 and reply.complete, reply
     assert HEADER_TIMEOUT - 0.5 < min(times) and max(times) < HEADER_TIMEOUT + PROMPT
-    assert b"/attack/loris" not in upstream_raw(world)
+    await trio.sleep(0.5)  # the recording is written as bytes arrive
+    markers = [f"/ok?during-home-loris={i}" for i in range(gets)] + ["/ok?after=home-loris"]
+    raw, _ = recording(world, markers)
+    assert b"/attack/loris" not in raw
 
 
 async def test_stalled_tls_handshake_at_home_is_cut_on_time(world: World) -> None:
