@@ -17,7 +17,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-from tunneld.transport.session import PONG_BACKLOG, MuxSession, MuxStream
+from tunneld.transport.session import PING_BURST, PING_RATE, PONG_BACKLOG, MuxSession, MuxStream
 from tunneld.wire import events as ev
 from tunneld.wire.frames import decode, encode
 from tunneld.wire.mux import Connection, Role
@@ -272,11 +272,15 @@ async def test_many_streams_coalesce_into_few_messages() -> None:
 
 
 @asynccontextmanager
-async def relay_with_raw_peer() -> AsyncIterator[tuple[MuxSession, FakeWebSocket, trio.Nursery]]:
+async def relay_with_raw_peer(
+    ping_burst: int = PING_BURST,
+) -> AsyncIterator[tuple[MuxSession, FakeWebSocket, trio.Nursery]]:
     """A relay MuxSession after HELLO/WELCOME; the test speaks frames on `peer`.
     The HELLO arrives together with whatever the test queues first (see below)."""
     relay_ws, peer = ws_pair()
-    relay = MuxSession(relay_ws, Connection(Role.RELAY, window=65536), session_id="r")
+    relay = MuxSession(
+        relay_ws, Connection(Role.RELAY, window=65536), session_id="r", ping_burst=ping_burst
+    )
     async with trio.open_nursery() as nursery:
         yield relay, peer, nursery
         nursery.cancel_scope.cancel()
@@ -318,8 +322,9 @@ async def test_protocol_violation_is_answered_with_goaway_then_closed() -> None:
 
 async def test_ping_flood_from_a_peer_that_never_reads_stops_our_reading() -> None:
     """Unread PONGs pile up to PONG_BACKLOG, then the session reads no more (so its
-    memory stays bounded); once the peer reads, every PING is answered, in order."""
-    async with relay_with_raw_peer() as (relay, peer, nursery):
+    memory stays bounded); once the peer reads, every PING is answered, in order.
+    (The flood rule is lifted here: this is the bound behind it.)"""
+    async with relay_with_raw_peer(ping_burst=10**9) as (relay, peer, nursery):
         await handshake(relay, peer)
         nursery.start_soon(relay.run)
         n = 3 * PONG_BACKLOG
@@ -343,3 +348,26 @@ async def test_ping_flood_from_a_peer_that_never_reads_stops_our_reading() -> No
             while len(answered) < n:
                 answered += decode(await peer.get_message())
         assert answered == [ev.Pong(p.payload) for p in pings]
+
+
+async def test_ping_flood_ends_the_session_steady_pings_do_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with relay_with_raw_peer() as (relay, peer, nursery):
+        await handshake(relay, peer)
+        nursery.start_soon(relay.run)
+        for i in range(3 * PING_BURST):  # steady, at the refill rate: never a flood
+            await peer.send_message(encode(ev.Ping(i.to_bytes(8, "big"))))
+            assert decode(await peer.get_message()) == [ev.Pong(i.to_bytes(8, "big"))]
+            await trio.sleep(1 / PING_RATE)
+        burst = [ev.Ping(i.to_bytes(8, "big")) for i in range(PING_BURST + 1)]
+        await peer.send_message(b"".join(encode(p) for p in burst))
+        frames: list[ev.Event] = []
+        with trio.fail_after(5):
+            while not any(isinstance(f, ev.GoAway) for f in frames):
+                frames += decode(await peer.get_message())
+    assert frames[:-1] == [ev.Pong(p.payload) for p in burst[:PING_BURST]]
+    assert frames[-1] == ev.GoAway(
+        ev.ResetCode.PROTOCOL_ERROR, f"PING flood: over {PING_BURST} PINGs at once"
+    )
+    assert relay.close_reason == f"protocol error: PING flood: over {PING_BURST} PINGs at once"

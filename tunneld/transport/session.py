@@ -35,6 +35,11 @@ RECEIVE_BUFFER = 256 * 1024
 CLOSE_TIMEOUT = 3.0
 # PONGs queued before the reader waits for the writer to send them.
 PONG_BACKLOG = 1024
+# A peer pings once per ping interval. More than PING_BURST PINGs at once (the
+# allowance refills at PING_RATE per second) is a flood and ends the session,
+# like gRPC's "too many pings".
+PING_BURST = 64
+PING_RATE = 4.0
 GOAWAY_REASON = 200  # characters of a protocol error's text sent in GOAWAY
 
 
@@ -227,6 +232,7 @@ class MuxSession:
         session_id: str = "",
         on_open: StreamHandler | None = None,
         on_event: Callable[[ev.Event], None] | None = None,
+        ping_burst: int = PING_BURST,
     ) -> None:
         self._ws = ws
         self._conn = conn
@@ -252,6 +258,9 @@ class MuxSession:
         self.finished = trio.Event()  # set once run() has closed the WebSocket
         self.protocol_error: RemoteProtocolError | None = None  # what ended the session
         self._pong_backlog = 0  # PONGs queued since the writer last drained everything
+        self._ping_burst = ping_burst
+        self._ping_allowance = float(ping_burst)
+        self._ping_checked: float | None = None  # trio time the allowance was computed
         self._flushed = trio.Event()  # set (and replaced) each time the writer drained
 
     # -- handshake helpers (run before `run`) ---------------------------------
@@ -487,6 +496,7 @@ class MuxSession:
         elif isinstance(event, ev.Open):
             self._accept(event)
         elif isinstance(event, ev.Ping):
+            self._allow_ping()
             self._send(ev.Pong(event.payload))
             self._pong_backlog += 1
         elif isinstance(event, ev.Pong):
@@ -498,6 +508,16 @@ class MuxSession:
                 self.going_away = True
             if self._on_event is not None:
                 self._on_event(event)
+
+    def _allow_ping(self) -> None:
+        now = trio.current_time()
+        if self._ping_checked is not None:
+            refill = (now - self._ping_checked) * PING_RATE
+            self._ping_allowance = min(float(self._ping_burst), self._ping_allowance + refill)
+        self._ping_checked = now
+        if self._ping_allowance < 1:
+            raise RemoteProtocolError(f"PING flood: over {self._ping_burst} PINGs at once")
+        self._ping_allowance -= 1
 
     def _accept(self, event: ev.Open) -> None:
         stream = MuxStream(self, event.stream_id, event.client_ip, event.client_port, event.sni)
