@@ -308,20 +308,30 @@ def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
             c.sock.close()
     if not latencies:
         raise BenchError("no response completed in the measured window")
-    latencies.sort()
     return {
         "conns": conns_n,
         "requests": len(latencies),
+        **_closed_loop_figures(latencies, seconds, wall0, cpu),
+        "errors": errors,
+        "cipher": cipher[0] if cipher else None,
+    }
+
+
+def _closed_loop_figures(
+    latencies: list[float], seconds: float, wall0: float, cpu: float
+) -> dict[str, float]:
+    """Rate and latency percentiles of a measured window, and its wall-clock bounds and
+    the client's CPU (the harness charges each process's CPU over [t0, t1])."""
+    latencies.sort()
+    return {
         "seconds": seconds,
         "rate": len(latencies) / seconds,
         "p50_ms": 1000 * _percentile(latencies, 0.50),
         "p99_ms": 1000 * _percentile(latencies, 0.99),
         "max_ms": 1000 * latencies[-1],
-        "errors": errors,
         "t0": wall0,
         "t1": wall0 + seconds,
         "cpu": cpu,
-        "cipher": cipher[0] if cipher else None,
     }
 
 
@@ -562,21 +572,13 @@ def run_ws(spec: dict[str, Any]) -> dict[str, Any]:
             c.sock.close()
     if not latencies:
         raise BenchError("no round trip completed in the measured window")
-    latencies.sort()
     return {
         "conns": conns_n,
         "size": size,
         "messages": len(latencies),
-        "seconds": seconds,
-        "rate": len(latencies) / seconds,
-        "p50_ms": 1000 * _percentile(latencies, 0.50),
-        "p99_ms": 1000 * _percentile(latencies, 0.99),
-        "max_ms": 1000 * latencies[-1],
+        **_closed_loop_figures(latencies, seconds, wall0, cpu),
         "errors": errors,
         "unclean_closes": unclean,
-        "t0": wall0,
-        "t1": wall0 + seconds,
-        "cpu": cpu,
         "cipher": cipher[0] if cipher else None,
     }
 

@@ -40,6 +40,7 @@ import trio
 
 if TYPE_CHECKING:
     from tests.integration.harness import Proc, World
+    from tests.loadclient import Reply
 
 RECEIVE_SIZE = 65536
 # Far above what the pooled connections of a test module carry (a few thousand small
@@ -263,6 +264,29 @@ def start(world: World, port: int = 0, name: str = "badupstream") -> Proc:
     wait_for(port_file.exists, what=f"{name} port file")
     world.app_port = int(port_file.read_text())
     return proc
+
+
+def start_world(root: Path, **upstream: object) -> World:
+    """Relay and daemon (calm pings) in front of this upstream; `upstream` is the
+    daemon's [upstream] overrides. The caller stops it (`stop_all`)."""
+    from tests.integration.harness import CALM_HOME, CALM_RELAY, World
+
+    w = World(root)
+    try:
+        w.app = start(w)
+        w.relay_overrides = CALM_RELAY
+        w.start_relay()
+        w.start_home(relay=CALM_HOME, upstream=upstream)
+    except BaseException:
+        w.stop_all()
+        raise
+    return w
+
+
+def answered_ok(reply: Reply, target: str) -> bool:
+    """A complete 200 from /ok for exactly this GET."""
+    want = b"ok GET %s 0\n" % target.encode()
+    return (reply.status, reply.complete, reply.body) == (200, True, want)
 
 
 def record_path(world: World) -> Path:

@@ -49,6 +49,27 @@ FAST_HOME = {
 }
 
 
+# For tests of something other than liveness (load, upstream faults, hostile HTTP):
+# pings calm enough that a loaded machine's scheduling hiccup never passes for a
+# dead link (FAST_* make them 1 s / 3 s).
+CALM_RELAY = {"ping_interval": "5s"}
+CALM_HOME = {"ping_interval": "5s", "ping_timeout": "15s"}
+
+
+def client_hello(sni: str) -> bytes:
+    """The first flight of a real TLS client (OpenSSL) for `sni`."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
 def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -28,6 +28,7 @@ from tests.integration.harness import (
     HOME_HOST,
     RawSession,
     World,
+    client_hello,
     iter_recv,
     open_raw_session,
     relay_endpoint,
@@ -149,18 +150,6 @@ def public(world: World, source: str) -> socket.socket:
     return socket.create_connection(
         ("127.0.0.1", world.relay_port), timeout=10, source_address=(source, 0)
     )
-
-
-def client_hello(sni: str) -> bytes:
-    """The first flight of a real TLS client (OpenSSL) for `sni`."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with pytest.raises(ssl.SSLWantReadError):
-        conn.do_handshake()
-    return outgoing.read()
 
 
 def rogue(world: World, token: str, source: str, **kwargs: Any) -> RawSession:

@@ -20,7 +20,8 @@ import pytest
 import trio
 
 from tests import badupstream
-from tests.integration.harness import HOME_HOST, World
+from tests.badupstream import answered_ok
+from tests.integration.harness import HOME_HOST, World, client_hello
 from tests.loadclient import BROKEN, HttpClient, Reply, client_context, open_tls, raw_exchange
 
 pytestmark = pytest.mark.integration
@@ -31,26 +32,15 @@ HANDSHAKE_TIMEOUT = 3.0  # [tls] handshake_timeout in the harness
 MAX_HEADER_SIZE = 8192
 PROMPT = 5.0  # slack over a configured timeout; generous for a loaded 2-core machine
 
-# Liveness is not under test here: pings calm enough that a loaded machine's
-# scheduling hiccup never passes for a dead link (FAST_* make them 1 s / 3 s).
-CALM_RELAY = {"ping_interval": "5s"}
-CALM_HOME = {"ping_interval": "5s", "ping_timeout": "15s"}
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("hostile") / "w")
+    w = badupstream.start_world(
+        tmp_path_factory.mktemp("hostile") / "w",
+        header_timeout=f"{HEADER_TIMEOUT:g}s",
+        max_header_size=MAX_HEADER_SIZE,
+    )
     try:
-        w.app = badupstream.start(w)
-        w.relay_overrides = CALM_RELAY
-        w.start_relay()
-        w.start_home(
-            relay=CALM_HOME,
-            upstream={
-                "header_timeout": f"{HEADER_TIMEOUT:g}s",
-                "max_header_size": MAX_HEADER_SIZE,
-            },
-        )
         yield w
     finally:
         w.stop_all()
@@ -58,11 +48,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def context(world: World) -> ssl.SSLContext:
     return client_context(str(world.home_cert()))
-
-
-def ok(reply: Reply, target: str) -> bool:
-    want = f"ok GET {target} 0\n".encode()
-    return (reply.status, reply.complete, reply.body) == (200, True, want)
 
 
 async def normal_get(world: World, target: str) -> None:
@@ -74,7 +59,7 @@ async def normal_get(world: World, target: str) -> None:
             reply = await HttpClient(stream).request(target)
         finally:
             await trio.aclose_forcefully(stream)
-    assert ok(reply, target), reply
+    assert answered_ok(reply, target), reply
     assert time.monotonic() - start < PROMPT
 
 
@@ -92,7 +77,7 @@ async def monitor(world: World) -> AsyncIterator[list[float]]:
         for n in range(100_000):
             target = f"/ok?monitor={n}"
             reply = await client.request(target)
-            assert ok(reply, target), reply
+            assert answered_ok(reply, target), reply
             latencies.append(reply.seconds)
             await trio.sleep(0.05)
 
@@ -330,20 +315,6 @@ async def test_oversized_heads_get_431_without_waiting_for_their_end(world: Worl
 
 
 # -- slowloris -----------------------------------------------------------------------------
-
-
-def client_hello(sni: str) -> bytes:
-    """The first flight of a real TLS client for `sni`."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 async def _wait_cut(stream: trio.abc.Stream, data: bytes, interval: float) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import PY, World
+from tests.integration.harness import CALM_HOME, CALM_RELAY, PY, World
 from tests.loadclient import RssSampler
 
 pytestmark = pytest.mark.integration
@@ -26,11 +26,6 @@ DOWNLOADS, UPLOADS, WEBSOCKETS = 20, 15, 15
 SIZE = 4 * MiB
 STALL_SIZE = 256 * MiB
 PROBES = 20
-
-# Liveness is not under test here: pings calm enough that a loaded machine's
-# scheduling hiccup never passes for a dead link (FAST_* make them 1 s / 3 s).
-CALM_RELAY = {"ping_interval": "5s"}
-CALM_HOME = {"ping_interval": "5s", "ping_timeout": "15s"}
 
 
 def relay_status(world: World) -> dict[str, Any]:

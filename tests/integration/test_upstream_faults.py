@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from tests import badupstream
-from tests.badupstream import CUT_BODY, CUT_SENT
+from tests.badupstream import CUT_BODY, CUT_SENT, answered_ok
 from tests.integration.harness import World
 from tests.loadclient import BROKEN, HttpClient, Reply, RssSampler, client_context, open_tls
 from tunneld.demoapp import pattern
@@ -32,26 +32,15 @@ RESPONSE_TIMEOUT = 3.0
 # "Quickly": far under any browser timeout, and well over what loopback needs.
 PROMPT = 5.0
 
-# Liveness is not under test here: pings calm enough that a loaded machine's
-# scheduling hiccup never passes for a dead link (FAST_* make them 1 s / 3 s).
-CALM_RELAY = {"ping_interval": "5s"}
-CALM_HOME = {"ping_interval": "5s", "ping_timeout": "15s"}
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("upstream") / "w")
+    w = badupstream.start_world(
+        tmp_path_factory.mktemp("upstream") / "w",
+        connect_timeout=f"{CONNECT_TIMEOUT:g}s",
+        response_timeout=f"{RESPONSE_TIMEOUT:g}s",
+    )
     try:
-        w.app = badupstream.start(w)
-        w.relay_overrides = CALM_RELAY
-        w.start_relay()
-        w.start_home(
-            relay=CALM_HOME,
-            upstream={
-                "connect_timeout": f"{CONNECT_TIMEOUT:g}s",
-                "response_timeout": f"{RESPONSE_TIMEOUT:g}s",
-            },
-        )
         yield w
     finally:
         w.stop_all()
@@ -65,12 +54,6 @@ async def get(world: World, target: str, source: str = "127.0.0.1") -> Reply:
             return await HttpClient(stream).request(target)
         finally:
             await trio.aclose_forcefully(stream)
-
-
-def ok(reply: Reply, target: str) -> bool:
-    return (reply.status, reply.complete) == (200, True) and reply.body == (
-        f"ok GET {target} 0\n".encode()
-    )
 
 
 # -- down, hung, restarting ------------------------------------------------------------
@@ -91,7 +74,7 @@ async def test_upstream_down_hung_and_restarting_under_steady_requests(world: Wo
     home_pid, session = world.home.popen.pid, world.home_status()["session_id"]
     ctx = client_context(str(world.home_cert()))
     kept = HttpClient(await open_tls(world.relay_port, ctx))
-    assert ok(await kept.request("/ok?warm"), "/ok?warm")  # a pooled, kept connection
+    assert answered_ok(await kept.request("/ok?warm"), "/ok?warm")  # a pooled, kept connection
     phase = "up"
     outcomes: list[Outcome] = []
 
@@ -102,7 +85,9 @@ async def test_upstream_down_hung_and_restarting_under_steady_requests(world: Wo
             target = f"/ok?n={n}"
             start, started_in = time.monotonic(), phase
             reply = await get(world, target, "127.0.0.2")
-            good = ok(reply, target) or (reply.status == 502 and b"502 Bad Gateway" in reply.body)
+            good = answered_ok(reply, target) or (
+                reply.status == 502 and b"502 Bad Gateway" in reply.body
+            )
             outcomes.append(Outcome(started_in, reply.status, good, time.monotonic() - start))
             await trio.sleep(0.05)
 
@@ -143,7 +128,7 @@ async def test_upstream_down_hung_and_restarting_under_steady_requests(world: Wo
         await trio.sleep(1.5)
         nursery.cancel_scope.cancel()
 
-    assert ok(await get(world, "/ok?back"), "/ok?back")
+    assert answered_ok(await get(world, "/ok?back"), "/ok?back")
     await trio.aclose_forcefully(kept.stream)
     by_phase: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -181,7 +166,7 @@ async def test_response_cut_by_the_upstream_never_looks_complete(
     assert reply.status in (0, 200) and len(reply.body) <= CUT_SENT < CUT_BODY
     if reply.status == 200 and framing == "length":
         assert reply.headers[b"content-length"] == b"%d" % CUT_BODY
-    assert ok(await get(world, "/ok?after-cut"), "/ok?after-cut")
+    assert answered_ok(await get(world, "/ok?after-cut"), "/ok?after-cut")
     await wait_logged(world, mark, b"upstream broke off a response")
 
 
@@ -216,7 +201,7 @@ async def test_second_response_smuggled_behind_the_first_reaches_nobody(
     for i in range(3):
         target = f"/ok?after={i}"
         reply = await client.request(target)
-        assert ok(reply, target), reply
+        assert answered_ok(reply, target), reply
     await trio.aclose_forcefully(client.stream)
 
 
@@ -228,7 +213,7 @@ async def test_garbage_or_endless_response_head_gets_a_prompt_502(
     reply = await get(world, target)
     assert time.monotonic() - start < PROMPT
     assert reply.status == 502 and b"502 Bad Gateway" in reply.body
-    assert ok(await get(world, "/ok?after"), "/ok?after")
+    assert answered_ok(await get(world, "/ok?after"), "/ok?after")
 
 
 async def test_response_head_trickled_byte_by_byte_gets_504_on_time(world: World) -> None:
@@ -291,7 +276,7 @@ async def test_upstream_not_reading_a_256_mib_upload_costs_bounded_memory(
             stuck_at = sent
             # Meanwhile everyone else is served.
             other = await get(world, "/ok?meanwhile")
-            assert ok(other, "/ok?meanwhile"), other
+            assert answered_ok(other, "/ok?meanwhile"), other
             await replied.wait()
             nursery.cancel_scope.cancel()
     elapsed = time.monotonic() - start
@@ -309,5 +294,5 @@ async def test_upstream_not_reading_a_256_mib_upload_costs_bounded_memory(
         assert RESPONSE_TIMEOUT - 0.5 < elapsed < RESPONSE_TIMEOUT + 2 * PROMPT
     else:
         assert elapsed < 2 * PROMPT
-    assert ok(await get(world, "/ok?after"), "/ok?after")
+    assert answered_ok(await get(world, "/ok?after"), "/ok?after")
     assert "Traceback" not in world.home.log()

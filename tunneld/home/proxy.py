@@ -473,15 +473,19 @@ class _Exchange:
             self._pending.append(ready)
         return False
 
-    async def _upstream_event(self) -> h11.Event | type[h11.PAUSED]:
-        return self._buffered_event() or await self.up.next_event()
-
-    def _buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+    def _take_prefetched(self) -> h11.Event | type[h11.PAUSED] | None:
+        """What `_prefetch` took from the upstream, in order, then its error if any."""
         if self._pending:
             return self._pending.popleft()
         if self._pending_error is not None:
             raise self._pending_error
-        return self.up.buffered_event()
+        return None
+
+    async def _upstream_event(self) -> h11.Event | type[h11.PAUSED]:
+        return self._take_prefetched() or await self.up.next_event()
+
+    def _buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+        return self._take_prefetched() or self.up.buffered_event()
 
     # -- client -> upstream -----------------------------------------------------
     async def _client_side(self) -> None:
