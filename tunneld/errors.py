@@ -89,3 +89,22 @@ class SessionRefused(TunneldError):
         self.status = status
         self.reason = reason
         self.detail = detail
+
+
+class HttpError(TunneldError):
+    """An HTTP/1.1 message broke the rules of `tunneld.home.http1` (sans-IO, h11 style).
+
+    `status_hint` is the status a server answers a bad request with.
+    """
+
+    def __init__(self, msg: str, status_hint: int = 400) -> None:
+        super().__init__(msg)
+        self.status_hint = status_hint
+
+
+class LocalHttpError(HttpError):
+    """We were about to frame something HTTP forbids (a value with CR/LF, say)."""
+
+
+class RemoteHttpError(HttpError):
+    """The peer sent a malformed, oversized or cut-off HTTP message."""

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 reverse proxy at home: one client connection, h11 on both sides.
+"""The HTTP/1.1 reverse proxy at home: one client connection, `http1` on both sides.
 
 Per request: read the head (with a header timeout; smuggling refused), rewrite
 headers (`http.py`: hop-by-hop out, one true forwarded value each in), take an
@@ -21,18 +21,33 @@ import logging
 from collections import deque
 from typing import NoReturn
 
-import h11
 import trio
 
 from tunneld.config import UpstreamSection
+from tunneld.errors import LocalHttpError, RemoteHttpError
 from tunneld.home.http import (
     error_response,
     forwarded_chain,
-    head_problem,
     is_upgrade,
-    request_body_framing,
+    request_is_chunked,
     response_headers,
     upstream_request_headers,
+)
+from tunneld.home.http1 import (
+    CHUNKED_END,
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    Event,
+    Request,
+    RequestReader,
+    Response,
+    Sentinel,
+    frame_chunk,
+    frame_request_head,
+    frame_response_head,
 )
 from tunneld.home.upstream import UpstreamConnection, UpstreamError, UpstreamPool
 from tunneld.home.watchdog import Watchdog
@@ -50,7 +65,7 @@ ERROR_SEND_TIMEOUT = 5.0
 # the rest of the body may take before the client connection is closed instead.
 BODY_GRACE = 1.0
 # Upstream failures that mean "this upstream connection is unusable".
-_UPSTREAM_ERRORS = (*STREAM_ERRORS, h11.ProtocolError)
+_UPSTREAM_ERRORS = (*STREAM_ERRORS, RemoteHttpError)
 
 
 # How long a bodyless request's answer may take before a task starts watching the
@@ -73,8 +88,17 @@ class _ClientGone(Exception):
     """Sending to or receiving from the client failed: it is gone."""
 
 
+class _Framing(enum.Enum):
+    """How a response body is framed for the client."""
+
+    NONE = "none"  # HEAD, 204, 304: no body whatever the headers say
+    LENGTH = "length"  # the upstream's Content-Length, bytes passed as they come
+    CHUNKED = "chunked"  # re-chunked: the length is unknown, the client speaks 1.1
+    CLOSE = "close"  # an HTTP/1.0 client and no length: the end is the close
+
+
 class _Outcome(enum.Enum):
-    DONE = "done"  # response complete; keep-alive if h11 allows
+    DONE = "done"  # response complete; keep-alive unless either side said close
     CLOSE = "close"  # response complete; close the client connection cleanly
     UPGRADED = "upgraded"  # 101 sent: splice bytes
     ERROR = "error"  # nothing sent to the client yet: answer with an error page
@@ -130,15 +154,21 @@ class _ClientConnection:
         # The relay already sends normalized addresses; this keeps the promise local.
         self.client_ip = _normalized(client_ip)
         self.sni = sni.encode("ascii", "replace")
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_size)
+        self.reader = RequestReader(self.config.max_header_size)
         # The relay's address is the client for the whole connection, unless the
         # peer is a trusted proxy: then each request's chain names its client.
         self.trusted = proxy.watchdog.trusts(self.client_ip)
         # The upstream connection of the last request, kept for the next one on
         # this client connection: no pool round trip or new connect per request.
         self.kept: tuple[UpstreamPool, UpstreamConnection] | None = None
-        self._out: list[bytes] = []  # framed bytes held by send_client(flush=False)
+        self._out: list[bytes] = []  # framed bytes held by queue()
         self._out_bytes = 0
+        # The response to the current request.
+        self.http_version = b"1.1"
+        self.head_request = False
+        self.head_sent = False  # a final response head went out: no error page now
+        self.framing = _Framing.LENGTH
+        self.close_after = False  # the response ends the connection
 
     async def give_back(self) -> None:
         if self.kept is not None:
@@ -164,33 +194,31 @@ class _ClientConnection:
             if request is None:
                 return
             first = False
+            self.http_version = request.http_version
+            self.head_request = request.method == b"HEAD"
+            self.head_sent = False
+            self.close_after = not self.reader.keep_alive
             await self._handle(request)
-            self.h11.start_next_cycle()
+            self.reader.start_next_cycle()
 
     # -- request heads ------------------------------------------------------
-    async def _read_request(self, first: bool) -> h11.Request | None:
+    async def _read_request(self, first: bool) -> Request | None:
         """The next request head, or None when the client closed or idled out."""
-        conn = self.h11
-        buf = bytearray(conn.trailing_data[0])  # pipelined bytes already read
-        scanned = 0
-        started = bool(buf)
+        reader = self.reader
+        started = not reader.idle  # pipelined bytes already read
         wait = self.config.header_timeout if first or started else self.config.idle_timeout
         deadline = trio.current_time() + wait
         eof = False
         while True:
-            problem = head_problem(buf, self.config.max_header_size, scanned)
-            if problem is not None:
-                await self._refuse(*problem, self.client_ip)
-            scanned = len(buf)
             try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = reader.next_event()
+            except RemoteHttpError as exc:
                 if eof:
                     return None  # the client hung up halfway: nobody to answer
-                await self._refuse(exc.error_status_hint, str(exc), self.client_ip)
-            if isinstance(event, h11.Request):
+                await self._refuse(exc.status_hint, str(exc), self.client_ip)
+            if isinstance(event, Request):
                 return event
-            if event is not h11.NEED_DATA:
+            if event is not NEED_DATA:
                 return None  # ConnectionClosed
             with trio.move_on_at(deadline) as scope:
                 data = await self._receive(RECEIVE_SIZE)
@@ -198,13 +226,12 @@ class _ClientConnection:
                 if not started:
                     return None  # idle keep-alive connection: close quietly
                 await self._refuse(408, "request head too slow", self.client_ip)
-            conn.receive_data(data)
+            reader.receive_data(data)
             if not data:
                 eof = True
             elif not started:
                 started = True
                 deadline = trio.current_time() + self.config.header_timeout
-            buf += data
 
     async def _receive(self, max_bytes: int) -> bytes:
         try:
@@ -212,18 +239,12 @@ class _ClientConnection:
         except STREAM_ERRORS as exc:
             raise _ClientGone() from exc
 
-    async def send_client(self, event: h11.Event, *, flush: bool = True) -> None:
-        """Frame one event for the client; send it now, or hold it (`flush=False`).
-
-        A small response's head, body and end then leave in one TLS record and
-        one mux frame instead of three; big body chunks are never held or copied.
-        """
-        pieces = self.h11.send_with_data_passthrough(event)
-        if pieces:
-            self._out.extend(pieces)
-            self._out_bytes += sum(len(p) for p in pieces)
-        if flush or self._out_bytes >= COALESCE_BYTES:
-            await self.flush_client()
+    # -- responses to the client ---------------------------------------------
+    def queue(self, data: bytes) -> None:
+        """Hold framed bytes, so a small response's head, body and end leave in one
+        TLS record and one mux frame instead of three (see `send_data` for big ones)."""
+        self._out.append(data)
+        self._out_bytes += len(data)
 
     async def flush_client(self) -> None:
         out, self._out, self._out_bytes = self._out, [], 0
@@ -237,6 +258,55 @@ class _ClientConnection:
         except STREAM_ERRORS as exc:
             raise _ClientGone() from exc
 
+    def start_response(self, response: Response, upstream_framing: str) -> None:
+        """Frame the final response head for the client (held until the next flush).
+
+        The body keeps the upstream's length when it has one; otherwise it is
+        re-chunked for an HTTP/1.1 client, or ends with the connection for 1.0.
+        """
+        status = response.status_code
+        if self.head_request or status in (204, 304):
+            self.framing = _Framing.NONE
+            headers = response_headers(response)
+        elif upstream_framing == "length":
+            self.framing = _Framing.LENGTH
+            headers = response_headers(response)
+        elif self.http_version == b"1.1":
+            self.framing = _Framing.CHUNKED
+            headers = response_headers(response, keep_length=False)
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            self.framing = _Framing.CLOSE
+            headers = response_headers(response, keep_length=False)
+            self.close_after = True
+        if self.close_after:
+            headers.append((b"Connection", b"close"))
+        self.queue(frame_response_head(status, response.reason, headers))
+        self.head_sent = True
+
+    async def send_informational(self, response: Response) -> None:
+        """A 1xx (101 included) as the upstream sent it, minus hop-by-hop headers."""
+        headers = response_headers(response)
+        self.queue(frame_response_head(response.status_code, response.reason, headers))
+        await self.flush_client()
+
+    async def send_data(self, data: bytes) -> None:
+        """A piece of the response body; big ones go at once, never copied into a join."""
+        if self.framing is _Framing.NONE or not data:
+            return
+        if self.framing is _Framing.CHUNKED:
+            self._out.extend(frame_chunk(data))
+        else:
+            self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= COALESCE_BYTES:
+            await self.flush_client()
+
+    async def end_response(self) -> None:
+        if self.framing is _Framing.CHUNKED:
+            self.queue(CHUNKED_END)
+        await self.flush_client()
+
     async def _refuse(
         self, status: int, why: str, client_ip: str, *, head: bool = False
     ) -> NoReturn:
@@ -245,14 +315,13 @@ class _ClientConnection:
             log.warning("%d for %s: %s", status, client_ip, why)
         else:
             log.info("%d for %s: %s", status, client_ip, why)
+        if self.head_sent:
+            raise _End(ResetCode.CANCEL)  # a response already started: it cannot become a page
         response, body = error_response(status)
-        try:
-            data = self.h11.send(response) or b""
-            if not head:
-                data += self.h11.send(h11.Data(data=body)) or b""
-            data += self.h11.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            raise _End(ResetCode.CANCEL) from None  # a response already started
+        data = frame_response_head(status, response.reason, response.headers)
+        if not head:
+            data += body
+        self._out, self._out_bytes = [], 0
         with trio.move_on_after(ERROR_SEND_TIMEOUT):
             try:
                 await self.client.send_all(data)
@@ -262,7 +331,7 @@ class _ClientConnection:
         raise _End(ResetCode.CANCEL)
 
     # -- one request ----------------------------------------------------------
-    async def _handle(self, request: h11.Request) -> None:
+    async def _handle(self, request: Request) -> None:
         self.proxy.requests += 1
         head = request.method == b"HEAD"
         client_ip = self.client_ip
@@ -273,22 +342,21 @@ class _ClientConnection:
             await self._refuse(403, "banned", client_ip, head=head)
         if request.method == b"CONNECT":
             await self._refuse(405, "CONNECT request", client_ip)
-        chunked, length = request_body_framing(request)
-        bodyless = not chunked and not length
+        chunked = request_is_chunked(request)
+        bodyless = not self.reader.has_body
         upgrade = is_upgrade(request)
-        host = next((v for n, v in request.headers if n == b"host"), b"") or self.sni
+        host = next((v for n, v in request.headers if n.lower() == b"host"), b"") or self.sni
         headers = upstream_request_headers(
             request, client_ip, host, chunked=chunked, upgrade=upgrade
         )
         try:
-            upstream_request = h11.Request(
-                method=request.method, target=request.target, headers=headers
-            )
-        except h11.LocalProtocolError as exc:
+            upstream_head = frame_request_head(request.method, request.target, headers)
+        except LocalHttpError as exc:
             await self._refuse(400, f"cannot forward the request: {exc}", client_ip)
         if bodyless:
-            end = self.h11.next_event()  # no I/O: a body of length 0 is complete
-            assert isinstance(end, h11.EndOfMessage), end
+            end = self.reader.next_event()  # no I/O: a body of length 0 is complete
+            assert isinstance(end, EndOfMessage), end
+        forward = _Forward(upstream_head, request, chunked=chunked, upgrade=upgrade)
 
         attempts = 2 if bodyless else 1  # a dead pooled connection is retried once
         pool = self.proxy.pool  # released to the pool it came from, even after a reload
@@ -300,7 +368,7 @@ class _ClientConnection:
                 await self._refuse(
                     502, f"upstream {self.config.url} unreachable: {exc}", client_ip, head=head
                 )
-            exchange = _Exchange(self, up, upstream_request, bodyless=bodyless, ip=client_ip)
+            exchange = _Exchange(self, up, forward, bodyless=bodyless, ip=client_ip)
             exchange.pool = pool
             try:
                 outcome = await exchange.run()
@@ -326,9 +394,7 @@ class _ClientConnection:
             finally:
                 self.proxy.websockets -= 1
         if outcome in (_Outcome.DONE, _Outcome.CLOSE):
-            if outcome is _Outcome.CLOSE or not (
-                self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
-            ):
+            if outcome is _Outcome.CLOSE or self.close_after or not self.reader.done:
                 await exchange.pool.release(up)
                 raise _End(None)
             if up.reusable:
@@ -348,9 +414,9 @@ class _ClientConnection:
         await self._refuse(exchange.status, exchange.why, exchange.ip, head=head)
 
     async def _splice(self, up: UpstreamConnection) -> NoReturn:
-        """After 101: hand over what h11 already buffered, then copy bytes both ways."""
-        client_rest = self.h11.trailing_data[0]
-        upstream_rest = up.h11.trailing_data[0]
+        """After 101: hand over what the readers already buffered, then copy bytes both ways."""
+        client_rest = self.reader.trailing_data[0]
+        upstream_rest = up.reader.trailing_data[0]
         try:
             if upstream_rest:
                 await self.client.send_all(upstream_rest)
@@ -367,6 +433,19 @@ class _ClientConnection:
         raise _End(ResetCode.CANCEL)
 
 
+class _Forward:
+    """A request as it goes upstream: its framed head and what the exchange needs to know."""
+
+    __slots__ = ("chunked", "head", "method", "target", "upgrade")
+
+    def __init__(self, head: bytes, request: Request, *, chunked: bool, upgrade: bool) -> None:
+        self.head = head
+        self.method = request.method
+        self.target = request.target
+        self.chunked = chunked
+        self.upgrade = upgrade
+
+
 class _Exchange:
     """One request/response over one upstream connection: two tasks, one outcome."""
 
@@ -374,7 +453,7 @@ class _Exchange:
         self,
         client: _ClientConnection,
         up: UpstreamConnection,
-        request: h11.Request,
+        request: _Forward,
         *,
         bodyless: bool,
         ip: str,
@@ -395,7 +474,7 @@ class _Exchange:
         self.body_abandoned = False  # the upstream stopped taking the request body
         self.head_scope = trio.CancelScope()  # deadline set once the request is sent
         self._nursery: trio.Nursery | None = None
-        self._pending: deque[h11.Event | type[h11.PAUSED]] = deque()  # taken by _prefetch
+        self._pending: deque[Event | Sentinel] = deque()  # taken by _prefetch
         self._pending_error: Exception | None = None
 
     def _stop(self, outcome: _Outcome, status: int = 0, why: str = "") -> None:
@@ -420,10 +499,11 @@ class _Exchange:
         self.head_scope.deadline = trio.current_time() + self.config.response_timeout
 
     async def run(self) -> _Outcome:
+        request = self.request
         try:
-            await self.up.send(self.request)
-            if self.bodyless:
-                await self.up.send(h11.EndOfMessage())
+            await self.up.send_head(
+                request.head, request.method, chunked=request.chunked, end=self.bodyless
+            )
         except _UPSTREAM_ERRORS as exc:
             self._upstream_failed(_describe(exc))
         else:
@@ -459,13 +539,13 @@ class _Exchange:
             self._pending.append(event)
         while self._pending:
             last = self._pending[-1]
-            if last is h11.PAUSED or isinstance(last, h11.EndOfMessage | h11.ConnectionClosed):
+            if last is PAUSED or isinstance(last, EndOfMessage | ConnectionClosed):
                 return True
-            if isinstance(last, h11.InformationalResponse) and last.status_code == 101:
+            if isinstance(last, Response) and last.status_code == 101:
                 return True
             try:
                 ready = up.buffered_event()
-            except h11.RemoteProtocolError as exc:
+            except RemoteHttpError as exc:
                 self._pending_error = exc
                 return True
             if ready is None:
@@ -473,7 +553,7 @@ class _Exchange:
             self._pending.append(ready)
         return False
 
-    def _take_prefetched(self) -> h11.Event | type[h11.PAUSED] | None:
+    def _take_prefetched(self) -> Event | Sentinel | None:
         """What `_prefetch` took from the upstream, in order, then its error if any."""
         if self._pending:
             return self._pending.popleft()
@@ -481,10 +561,10 @@ class _Exchange:
             raise self._pending_error
         return None
 
-    async def _upstream_event(self) -> h11.Event | type[h11.PAUSED]:
+    async def _upstream_event(self) -> Event | Sentinel:
         return self._take_prefetched() or await self.up.next_event()
 
-    def _buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+    def _buffered_event(self) -> Event | Sentinel | None:
         return self._take_prefetched() or self.up.buffered_event()
 
     # -- client -> upstream -----------------------------------------------------
@@ -503,37 +583,37 @@ class _Exchange:
         (cheaper than a scope per chunk): the client may pause `idle_timeout`
         between chunks, the upstream may refuse bytes for `response_timeout`.
         """
-        conn, up, config = self.c.h11, self.up, self.config
+        reader, up, config = self.c.reader, self.up, self.config
         eof = False
         waiting_for_client = True
         with trio.CancelScope() as scope:
             while True:
                 try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError as exc:
+                    event = reader.next_event()
+                except RemoteHttpError as exc:
                     if eof or self.response_started:
                         self._stop(_Outcome.ABORT)
                     else:
-                        status = exc.error_status_hint
+                        status = exc.status_hint
                         self._stop(_Outcome.ERROR, status, f"bad request body: {exc}")
                     return False
-                if event is h11.NEED_DATA:
+                if event is NEED_DATA:
                     waiting_for_client = True
                     scope.deadline = trio.current_time() + config.idle_timeout
                     data = await self.c._receive(RECEIVE_SIZE)
                     eof = not data
-                    conn.receive_data(data)
+                    reader.receive_data(data)
                     continue
-                if not isinstance(event, h11.Data | h11.EndOfMessage):
-                    self._stop(_Outcome.ABORT)  # ConnectionClosed mid-body
+                if not isinstance(event, Data | EndOfMessage):
+                    self._stop(_Outcome.ABORT)
                     return False
                 waiting_for_client = False
                 scope.deadline = trio.current_time() + config.response_timeout
                 try:
-                    if isinstance(event, h11.Data):
-                        await up.send(event)
+                    if isinstance(event, Data):
+                        await up.send_body(event.data)
                         continue
-                    await up.send(h11.EndOfMessage())
+                    await up.end_body()
                 except _UPSTREAM_ERRORS:
                     # The upstream stopped reading; it may still answer (early response).
                     self.body_abandoned = True
@@ -554,7 +634,7 @@ class _Exchange:
         budget = self.config.max_header_size
         while budget > 0:
             data = await self.c._receive(min(budget, RECEIVE_SIZE))
-            self.c.h11.receive_data(data)
+            self.c.reader.receive_data(data)
             if not data:
                 return  # half-closed: the response is still wanted
             budget -= len(data)
@@ -567,34 +647,26 @@ class _Exchange:
             self._stop(_Outcome.ABORT)
         except _UPSTREAM_ERRORS as exc:
             self._upstream_failed(_describe(exc))
-        except h11.LocalProtocolError as exc:  # the response cannot be framed for the client
+        except LocalHttpError as exc:  # the response cannot be framed for the client
             log.warning("cannot forward the upstream's response to %s: %s", self.ip, exc)
             self._stop(_Outcome.ABORT if self.response_started else _Outcome.ERROR, 502, str(exc))
 
     async def _relay_response(self) -> None:
         c = self.c
-        response: h11.Response | None = None
+        response: Response | None = None
         with self.head_scope:
             while response is None:
                 event = await self._upstream_event()
-                if isinstance(event, h11.Response):
+                if not isinstance(event, Response):
+                    raise RemoteHttpError(f"unexpected {event!r} before the response")
+                if event.status_code >= 200:
                     response = event
-                elif isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101:
-                        await self._switch(event)
-                        return
-                    if c.h11.their_http_version != b"1.1":
-                        continue  # HTTP/1.0 clients never see 1xx (RFC 9110 15.2)
+                elif event.status_code == 101:
+                    await self._switch(event)
+                    return
+                elif c.http_version == b"1.1":  # HTTP/1.0 clients never see 1xx (RFC 9110 15.2)
                     self.response_started = True
-                    await c.send_client(
-                        h11.InformationalResponse(
-                            status_code=event.status_code,
-                            headers=response_headers(event),
-                            reason=event.reason,
-                        )
-                    )
-                else:
-                    raise h11.RemoteProtocolError(f"unexpected {event!r} before the response")
+                    await c.send_informational(event)
         if response is None:
             if self.response_started:  # a 1xx went out: too late for a 504 page
                 self._stop(_Outcome.ABORT)
@@ -602,6 +674,8 @@ class _Exchange:
                 limit = self.config.response_timeout
                 self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
             return
+        # Framed first: a head that cannot be sent still gets a 502 page.
+        c.start_response(response, self.up.reader.body_framing)
         self.response_started = True  # from here on, failures can only reset the stream
         # Failed logins are counted from the answer; a login flow's body is peeked at (bounded).
         peek = c.proxy.watchdog.observe(
@@ -611,31 +685,23 @@ class _Exchange:
             response.status_code,
             response.headers,
         )
-        await c.send_client(
-            h11.Response(
-                status_code=response.status_code,
-                headers=response_headers(response),
-                reason=response.reason,
-            ),
-            flush=False,
-        )
         while True:
             ready = self._buffered_event()
             if ready is None:
                 await c.flush_client()  # never hold bytes while waiting for more
                 ready = await self._upstream_event()
             event = ready
-            if isinstance(event, h11.Data):
+            if isinstance(event, Data):
                 if peek is not None:
                     peek.feed(event.data)
-                await c.send_client(event, flush=False)
-            elif isinstance(event, h11.EndOfMessage):
+                await c.send_data(event.data)
+            elif isinstance(event, EndOfMessage):
                 if peek is not None:
                     peek.finish()
-                await c.send_client(h11.EndOfMessage())
+                await c.end_response()
                 break
             else:
-                raise h11.RemoteProtocolError(f"unexpected {event!r} in the response body")
+                raise RemoteHttpError(f"unexpected {event!r} in the response body")
         if not self.request_done.is_set() and not self.body_abandoned:
             # Answered before the whole request body was forwarded: give the rest a
             # moment, else close rather than wait for a body nobody reads.
@@ -643,13 +709,11 @@ class _Exchange:
                 await self.request_done.wait()
         self._stop(_Outcome.DONE if self.request_done.is_set() else _Outcome.CLOSE)
 
-    async def _switch(self, event: h11.InformationalResponse) -> None:
+    async def _switch(self, event: Response) -> None:
+        if not self.request.upgrade:
+            raise LocalHttpError("101 Switching Protocols for a request that asked for no upgrade")
         self.response_started = True
-        await self.c.send_client(
-            h11.InformationalResponse(
-                status_code=101, headers=response_headers(event), reason=event.reason
-            )
-        )
+        await self.c.send_informational(event)
         self._stop(_Outcome.UPGRADED)
 
 

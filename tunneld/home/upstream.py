@@ -1,9 +1,10 @@
 """Connections to the upstream app (`[upstream] url`), kept in a small pool.
 
 Each connection pairs a trio stream (TCP, or TLS for an https:// upstream)
-with an h11 client. A connection whose last exchange left both sides of h11
-DONE goes back to the pool; one that sits idle too long, or that the upstream
-closed meanwhile (readable while idle), is dropped instead of reused.
+with a `ResponseReader`. A connection whose last exchange ended cleanly (the
+request sent, the response read whole, keep-alive) goes back to the pool; one
+that sits idle too long, or that the upstream closed meanwhile (readable while
+idle), is dropped instead of reused.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ import select
 import ssl
 from collections.abc import Awaitable, Callable
 
-import h11
 import trio
 
 from tunneld.config import UpstreamSection
 from tunneld.errors import TunneldError
+from tunneld.home.http1 import (
+    CHUNKED_END,
+    NEED_DATA,
+    Event,
+    ResponseReader,
+    Sentinel,
+    frame_chunk,
+)
 from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly
 
 __all__ = ["UpstreamConnection", "UpstreamError", "UpstreamPool", "upstream_ssl_context"]
@@ -50,38 +58,53 @@ def upstream_ssl_context(config: UpstreamSection) -> ssl.SSLContext:
 
 
 class UpstreamConnection:
-    """One upstream connection and its h11 client state."""
+    """One upstream connection: the request framed out, the response read in."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.reader = ResponseReader(MAX_RESPONSE_HEAD)
         self.reused = False
         self.idle_since = 0.0
         self.bytes_in = 0  # received in this exchange: a retry is only safe at 0
+        self._chunked = False  # the request body being sent is chunked
+        self.request_done = True  # no request is partly sent
+        self._poller: select.poll | None = None
 
-    async def send(self, event: h11.Event) -> None:
-        """Frame one event with h11 and send it (body chunks without a copy)."""
-        pieces = self.h11.send_with_data_passthrough(event)
-        if not pieces:
+    async def send_head(self, head: bytes, method: bytes, *, chunked: bool, end: bool) -> None:
+        """Send a framed request head (`end`: it has no body); `chunked` frames the body."""
+        self.reader.expect(method)
+        self._chunked = chunked
+        self.request_done = end
+        await self.stream.send_all(head)
+
+    async def send_body(self, data: bytes) -> None:
+        if not data:
             return
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if data:
+        if self._chunked:
+            await self.stream.send_all(b"".join(frame_chunk(data)))
+        else:
             await self.stream.send_all(data)
 
-    def buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
-        """The next event if it needs no more bytes, else None (no I/O)."""
-        event = self.h11.next_event()
-        return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
+    async def end_body(self) -> None:
+        if self._chunked:
+            await self.stream.send_all(CHUNKED_END)
+        self.request_done = True
 
-    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
-        """The next event from the upstream (raises h11.RemoteProtocolError, STREAM_ERRORS)."""
+    def buffered_event(self) -> Event | Sentinel | None:
+        """The next event if it needs no more bytes, else None (no I/O)."""
+        event = self.reader.next_event()
+        return None if event is NEED_DATA else event
+
+    async def next_event(self) -> Event | Sentinel:
+        """The next event from the upstream (raises RemoteHttpError, STREAM_ERRORS)."""
+        reader = self.reader
         while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
+            event = reader.next_event()
+            if event is not NEED_DATA:
+                return event
             data = await self.stream.receive_some(RECEIVE_SIZE)
             self.bytes_in += len(data)
-            self.h11.receive_data(bytes(data))
+            reader.receive_data(bytes(data))
 
     @property
     def reusable(self) -> bool:
@@ -90,17 +113,16 @@ class UpstreamConnection:
         Bytes past the response's end (a body sent to HEAD, a wrong Content-Length)
         would be read as the answer to the next request, maybe another client's.
         """
-        conn = self.h11
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE and not self._stray()
+        reader = self.reader
+        return self.request_done and reader.done and reader.keep_alive and not self._stray()
 
     @property
     def idle(self) -> bool:
         """Ready for a new request (`next_cycle` done) with nothing unread."""
-        conn = self.h11
-        return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self._stray()
+        return self.request_done and self.reader.idle and not self._stray()
 
     def _stray(self) -> bool:
-        data, closed = self.h11.trailing_data
+        data, closed = self.reader.trailing_data
         if data or closed:
             return True
         if isinstance(self.stream, trio.SSLStream):
@@ -113,19 +135,20 @@ class UpstreamConnection:
 
     def looks_closed(self) -> bool:
         """An idle connection with anything to read (EOF, stray bytes) is unusable."""
-        fd = _fileno(self.stream)
-        if fd is None:
-            return False
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        if self._poller is None:  # made once: asked before every reuse
+            fd = _fileno(self.stream)
+            if fd is None:
+                return False
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
         try:
-            return bool(poller.poll(0))
+            return bool(self._poller.poll(0))
         except OSError:
             return True
 
     def next_cycle(self) -> None:
         """Ready for the next request after an exchange that ended cleanly."""
-        self.h11.start_next_cycle()
+        self.reader.start_next_cycle()
         self.idle_since = trio.current_time()
         self.bytes_in = 0
 
