@@ -321,12 +321,14 @@ class _Reader:
         elif buf.startswith(b"\n"):
             del buf[:1]
         else:
-            found = _HEAD_END.search(buf)
+            found = _HEAD_END.search(buf, max(0, self._scanned - 2))  # dribbled: linear
             end = len(buf) if found is None else found.end()
             if end > self.max_head_size:
                 raise RemoteHttpError("trailers too large", 431)
             if found is None:
+                self._scanned = len(buf)
                 return self._starved()
+            self._scanned = 0
             if _FIELD_LINES.fullmatch(_crlf(bytes(buf[: found.start() + 1]))) is None:
                 raise RemoteHttpError("malformed trailer line")
             del buf[:end]

@@ -11,9 +11,9 @@ from tunneld.config import HomeConfig
 from tunneld.home.certs import CertificateStore
 from tunneld.home.proxy import Proxy
 from tunneld.home.watchdog import Watchdog
-from tunneld.transport.prefixed import PrefixedStream
 from tunneld.transport.session import MuxStream
 from tunneld.transport.splice import STREAM_ERRORS, aclose_quietly
+from tunneld.transport.tls import TLSStream
 from tunneld.wire.clienthello import ClientHello, parse_client_hello
 from tunneld.wire.events import ResetCode
 
@@ -95,7 +95,7 @@ class StreamHandler:
             stream.reset(ResetCode.TLS_FAILED)
             return
         context = self.certs.context_for(hello)
-        tls = trio.SSLStream(PrefixedStream(stream, first), context, server_side=True)
+        tls = TLSStream(stream, context, server_side=True, prefix=first)
         try:
             with trio.fail_after(tls_cfg.handshake_timeout):
                 await tls.do_handshake()

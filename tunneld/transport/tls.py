@@ -1,0 +1,227 @@
+"""TLS over any trio stream: an `ssl.SSLObject` between two memory BIOs, kept lean.
+
+What trio's `SSLStream` does, for the one shape the daemon needs on every client
+stream (a server over a `MuxStream`, after the ClientHello was read): it costs
+about a fifth of the daemon's CPU per small request, most of it in the generic
+retry loop (two locks, a checkpoint and a BIO round per call). Here a read is
+`SSLObject.read` and, only when it wants bytes, one `receive_some` of the
+transport; a write is `SSLObject.write` and one `send_all`.
+
+Same contract as `trio.SSLStream` where the proxy relies on it: SSL errors and
+an EOF without close_notify raise `trio.BrokenResourceError` (cause kept); a
+close_notify reads as b""; concurrent receives (or sends) raise
+`trio.BusyResourceError`; `aclose()` sends close_notify without waiting for the
+peer's. One task may receive while another sends: bytes OpenSSL writes (a TLS
+1.3 KeyUpdate answer while reading, say) reach the transport in the order they
+were made, one sender at a time. A TLS 1.3 server's session tickets wait for
+its first send, as trio does (openssl/openssl#7948).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+__all__ = ["TLSStream"]
+
+RECEIVE_SIZE = 64 * 1024
+
+
+class TLSStream(trio.abc.Stream):
+    """TLS on `transport_stream`; `prefix` holds bytes already read from it (a ClientHello)."""
+
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        prefix: bytes = b"",
+    ) -> None:
+        self.transport_stream = transport_stream
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        if prefix:
+            self._incoming.write(prefix)
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._handshook = False
+        self._handshaking: trio.Event | None = None  # set when a handshake under way ends
+        self._leftover = b""  # read, but its receive_some was cancelled while flushing
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+        self._transport_busy = False  # a task is in transport_stream.send_all
+        self._turns = trio.lowlevel.ParkingLot()
+        self._delayed = b""  # a TLS 1.3 server's session tickets, sent with its first write
+
+    # -- state ---------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream already closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("TLS stream is broken") from self._broken
+
+    def _fail(self, exc: BaseException) -> trio.BrokenResourceError:
+        self._broken = exc
+        error = trio.BrokenResourceError(str(exc) or type(exc).__name__)
+        error.__cause__ = exc
+        return error
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    # -- transport -------------------------------------------------------------
+    async def _flush(self) -> None:
+        """Send what OpenSSL wrote, in order: one task on the transport at a time."""
+        while self._transport_busy:
+            await self._turns.park()
+        data = self._outgoing.read()
+        if self._delayed:
+            data, self._delayed = self._delayed + data, b""
+        if not data:
+            return
+        self._transport_busy = True
+        try:
+            await self.transport_stream.send_all(data)
+        except BaseException as exc:
+            # Part of a record may have gone (even when cancelled): nothing can follow it.
+            self._broken = self._broken or exc
+            raise
+        finally:
+            self._transport_busy = False
+            self._turns.unpark_all()
+
+    async def _fill(self) -> None:
+        """One read of the transport into the incoming BIO (EOF included)."""
+        try:
+            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._broken = self._broken or exc
+            raise
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    # -- trio.abc.Stream -------------------------------------------------------
+    async def do_handshake(self) -> None:
+        self._check()
+        if self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._handshaking is not None:  # another task is at it: wait for its result
+            await self._handshaking.wait()
+            self._check()
+            return
+        self._handshaking = trio.Event()
+        try:
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    await self._fill()
+                except ssl.SSLError as exc:
+                    await self._flush_quietly()  # the alert tells the peer why
+                    raise self._fail(exc) from exc
+            self._handshook = True
+            if self._ssl.server_side and self._ssl.version() == "TLSv1.3":
+                # The final flight went out above; what is left is session tickets.
+                self._delayed = self._outgoing.read()
+            else:
+                await self._flush()
+        finally:
+            self._handshaking.set()
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._check()
+        if not self._handshook:
+            await self.do_handshake()
+        self._receiving = True
+        yielded = False
+        try:
+            if self._leftover:
+                await trio.lowlevel.checkpoint()
+                data, self._leftover = self._leftover, b""
+                return data
+            while True:
+                try:
+                    data = self._ssl.read(max_bytes or RECEIVE_SIZE)
+                except ssl.SSLWantReadError:
+                    if self._outgoing.pending:
+                        await self._flush()
+                    await self._fill()
+                    yielded = True
+                    continue
+                except ssl.SSLZeroReturnError:
+                    data = b""  # close_notify: a clean end
+                except ssl.SSLError as exc:
+                    raise self._fail(exc) from exc
+                if self._outgoing.pending:  # a KeyUpdate answer, say
+                    try:
+                        await self._flush()
+                    except trio.Cancelled:
+                        self._leftover = data  # already decrypted: the next call gets it
+                        raise
+                elif not yielded:
+                    await trio.lowlevel.checkpoint()
+                return data
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check()
+        if not self._handshook:
+            await self.do_handshake()
+        self._sending = True
+        try:
+            if data:
+                try:
+                    self._ssl.write(data)
+                except ssl.SSLError as exc:
+                    raise self._fail(exc) from exc
+            await self._flush()
+            if not data:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check()
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """close_notify (without waiting for the peer's), then close the transport."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshook and self._broken is None:
+                try:
+                    self._ssl.unwrap()
+                except ssl.SSLError:
+                    pass  # SSLWantReadError: the peer's close_notify is not awaited
+                self._delayed = b""
+                await self._flush_quietly()
+        finally:
+            await self.transport_stream.aclose()
