@@ -750,12 +750,22 @@ def test_transfer_encoding_overrides_content_length_in_responses() -> None:
     assert reader.trailing_data[0] == NEXT
 
 
-def test_response_transfer_encoding_not_ending_in_chunked_reads_until_close() -> None:
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, gzip"])
+def test_response_transfer_coding_other_than_chunked_is_bad_gateway(coding: bytes) -> None:
+    # Re-chunked without its header the body would be corrupt: refused, as h11 did.
+    data = response(b"200 OK", b"Transfer-Encoding: " + coding) + b"2\r\nzz\r\n0\r\n\r\n"
+    assert response_error(data).status_hint == 502
+
+
+def test_response_content_length_is_taken_once() -> None:
     reader = ResponseReader(MAX)
-    events = feed(reader, response(b"200 OK", b"Transfer-Encoding: gzip") + b"zz", b"")
-    assert reader.body_framing == "close"
-    assert events[1:] == [Data(b"zz"), END, PAUSED]
-    assert not reader.keep_alive
+    feed(reader, response(b"200 OK", b"Content-Length: 2", b"Content-Length: 2, 2") + b"ok")
+    assert reader.content_length == 2
+    reader.start_next_cycle()
+    reader.expect(b"GET")
+    chunked = response(b"200 OK", b"Transfer-Encoding: chunked", b"Content-Length: 9")
+    feed(reader, chunked + CHUNKED_END)
+    assert reader.content_length is None  # Transfer-Encoding wins: no length to pass on
 
 
 @pytest.mark.parametrize(
@@ -990,9 +1000,7 @@ _VCHAR = [9, *range(0x20, 0x7F), *range(0x80, 0x100)]
 
 tokens = st.lists(st.sampled_from(_TCHAR), min_size=1, max_size=8).map(bytes)
 values = st.lists(st.sampled_from(_VCHAR), max_size=16).map(lambda v: bytes(v).strip(b" \t"))
-targets = st.lists(st.integers(0x21, 0xFF).filter(lambda b: b != 0x7F), max_size=16).map(
-    lambda t: b"/" + bytes(t)
-)
+targets = st.lists(st.integers(0x21, 0x7E), max_size=16).map(lambda t: b"/" + bytes(t))
 
 
 def some_bare_lf(draw: st.DrawFn, lines: bytes) -> bytes:

@@ -596,6 +596,7 @@ def status_of(raw: bytes) -> int:
         b"GET / HTTP/1.1\r\n\r\n",  # no Host
         b"GARBAGE\r\n\r\n",
         b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"GET /\x80 HTTP/1.1\r\nHost: h\r\n\r\n",  # a target byte outside ASCII
     ],
 )
 async def test_malformed_and_smuggling_requests_get_400_and_never_reach_upstream(
@@ -608,6 +609,50 @@ async def test_malformed_and_smuggling_requests_get_400_and_never_reach_upstream
     assert status_of(raw) == 400
     assert b"<h1>400 Bad Request</h1>" in raw
     assert env.result is None  # answered, then closed cleanly
+
+
+async def test_a_bad_request_after_a_good_one_still_gets_its_error_page() -> None:
+    async with running() as env:
+        raw = await env.raw(
+            b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /two HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n"
+        )
+        await env.done.wait()
+    first, _, rest = raw.partition(b"HTTP/1.1 400 ")
+    assert status_of(first) == 200 and b'"target": "/one"' in first
+    assert b"<h1>400 Bad Request</h1>" in rest
+    assert env.result is None  # answered, then closed cleanly: never a reset
+
+
+def raw_app(response: bytes) -> Handler:
+    """An upstream that answers every request with `response`, as bytes."""
+
+    async def app(stream: trio.abc.Stream) -> None:
+        up = Upstream(stream)
+        while await up.request() is not None:
+            await stream.send_all(response)
+
+    return app
+
+
+async def test_repeated_upstream_content_length_reaches_the_client_once() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok"
+    async with running(raw_app(answer)) as env:
+        await env.client.send_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        with trio.fail_after(10):
+            raw = b""
+            while not raw.endswith(b"ok"):
+                raw += await env.client.receive_some(65536)
+    assert raw.lower().count(b"content-length") == 1
+    assert b"Content-Length: 2\r\n" in raw
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked"])
+async def test_upstream_transfer_coding_other_than_chunked_gets_502(coding: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n2\r\nzz\r\n0\r\n\r\n"
+    async with running(raw_app(answer)) as env:
+        response, body = await env.get("/")
+    assert response.status_code == 502  # never a 200 with a body still encoded
 
 
 async def test_headers_too_large_get_431() -> None:

@@ -28,6 +28,7 @@ from tunneld.transport.session import (
     StreamHandler,
 )
 from tunneld.transport.splice import aclose_quietly
+from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
 from tunneld.wire import events as ev
 from tunneld.wire.mux import Connection, Role
 
@@ -234,7 +235,13 @@ class Connector:
         stream: trio.abc.Stream = tcp
         try:
             if self._ssl is not None:
-                stream = trio.SSLStream(tcp, self._ssl, server_hostname=self._host)
+                stream = TLSStream(
+                    tcp,
+                    self._ssl,
+                    server_side=False,
+                    server_hostname=self._host,
+                    receive_size=SESSION_RECEIVE,
+                )
                 with trio.fail_after(timeout):
                     await stream.do_handshake()
             host = self._host if self._port in (80, 443) else f"{self._host}:{self._port}"

@@ -106,12 +106,12 @@ _CLOSED = ConnectionClosed()
 # (OWS is stripped after), which keeps the expression free of backtracking.
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[\t \x21-\x7e\x80-\xff]*\r\n)*")
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9]\.[0-9])\r\n")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n")
 # A chunk-size line must end in CRLF: "5c;\n" is where parsers have disagreed on framing.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t \x21-\x7e\x80-\xff]*)?\r\n")
 _HEAD_END = re.compile(rb"\n\r?\n")
-_NAMES = re.compile(_TOKEN)
+_FRAMED_LINES = re.compile(rb"(?:" + _TOKEN + rb": [\t \x21-\x7e\x80-\xff]*\r\n)*")
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _MAX_CHUNK_LINE = 1024
 _MAX_LENGTH_DIGITS = 18
@@ -419,6 +419,7 @@ class ResponseReader(_Reader):
         super().__init__(max_head_size)
         self._method = b"GET"
         self._owed = False  # a request went out and its final response has not come
+        self.content_length: int | None = None  # of the last final response, if it said
 
     def expect(self, method: bytes) -> None:
         """The method of the request whose response comes next (a HEAD's has no body)."""
@@ -467,10 +468,17 @@ class ResponseReader(_Reader):
                 codings += _tokens(value)
             elif lower == b"connection" and b"close" in _tokens(value):
                 close = True
+        if codings:  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+            length = None
+        self.content_length = length
         if self._method == b"HEAD" or status in (204, 304):
             self._begin_body(_Body.LENGTH, 0)
-        elif codings:  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
-            self._begin_body(_Body.CHUNKED if codings[-1] == b"chunked" else _Body.CLOSE)
+        elif codings:
+            # Decoding gzip & co. is not a proxy's job, and passing them on re-chunked
+            # without their header would corrupt the body: refused, as h11 did.
+            if codings != [b"chunked"]:
+                raise RemoteHttpError("unsupported Transfer-Encoding", 502)
+            self._begin_body(_Body.CHUNKED)
         elif length is not None:
             self._begin_body(_Body.LENGTH, length)
         else:
@@ -486,17 +494,12 @@ class ResponseReader(_Reader):
 
 # -- framing -------------------------------------------------------------------
 def _frame(start: bytes, headers: Headers | list[tuple[bytes, bytes]]) -> bytes:
-    parts = [start]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    data = b"".join(parts)
-    # Every line well-formed, no CR or LF hidden in a value to start a new one, and
-    # names all token characters (else "Host:evil" would frame as a Host header).
+    data = b"".join([start, *[b"%s: %s\r\n" % field for field in headers], b"\r\n"])
+    # Every line is token ": " value (so a name holding a colon or space cannot pass
+    # as another header), and no CR or LF hides in a value to start a line of its own.
     if (
-        _FIELD_LINES.fullmatch(data, len(start), len(data) - 2) is None
+        _FRAMED_LINES.fullmatch(data, len(start), len(data) - 2) is None
         or data.count(b"\n") != len(headers) + 2
-        or (headers and _NAMES.fullmatch(b"".join(name for name, _ in headers)) is None)
     ):
         raise LocalHttpError("a header name or value cannot be sent as it is")
     return data

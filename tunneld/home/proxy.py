@@ -190,13 +190,13 @@ class _ClientConnection:
     async def run(self) -> None:
         first = True
         while True:
+            self.head_sent = False  # a bad next request still gets its error page
             request = await self._read_request(first)
             if request is None:
                 return
             first = False
             self.http_version = request.http_version
             self.head_request = request.method == b"HEAD"
-            self.head_sent = False
             self.close_after = not self.reader.keep_alive
             await self._handle(request)
             self.reader.start_next_cycle()
@@ -258,26 +258,27 @@ class _ClientConnection:
         except STREAM_ERRORS as exc:
             raise _ClientGone() from exc
 
-    def start_response(self, response: Response, upstream_framing: str) -> None:
+    def start_response(self, response: Response, upstream_framing: str, length: int | None) -> None:
         """Frame the final response head for the client (held until the next flush).
 
         The body keeps the upstream's length when it has one; otherwise it is
         re-chunked for an HTTP/1.1 client, or ends with the connection for 1.0.
         """
         status = response.status_code
+        # One Content-Length line holding the length the reader took (upstreams may
+        # repeat or list it; strict clients refuse that).
+        headers = response_headers(response, keep_length=False)
+        if length is not None:
+            headers.append((b"Content-Length", b"%d" % length))
         if self.head_request or status in (204, 304):
             self.framing = _Framing.NONE
-            headers = response_headers(response)
         elif upstream_framing == "length":
             self.framing = _Framing.LENGTH
-            headers = response_headers(response)
         elif self.http_version == b"1.1":
             self.framing = _Framing.CHUNKED
-            headers = response_headers(response, keep_length=False)
             headers.append((b"Transfer-Encoding", b"chunked"))
         else:
             self.framing = _Framing.CLOSE
-            headers = response_headers(response, keep_length=False)
             self.close_after = True
         if self.close_after:
             headers.append((b"Connection", b"close"))
@@ -675,7 +676,8 @@ class _Exchange:
                 self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
             return
         # Framed first: a head that cannot be sent still gets a 502 page.
-        c.start_response(response, self.up.reader.body_framing)
+        reader = self.up.reader
+        c.start_response(response, reader.body_framing, reader.content_length)
         self.response_started = True  # from here on, failures can only reset the stream
         # Failed logins are counted from the answer; a login flow's body is peeked at (bounded).
         peek = c.proxy.watchdog.observe(

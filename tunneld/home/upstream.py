@@ -69,25 +69,43 @@ class UpstreamConnection:
         self._chunked = False  # the request body being sent is chunked
         self.request_done = True  # no request is partly sent
         self._poller: select.poll | None = None
+        # A plain TCP upstream is used through its socket: SocketStream's per-call
+        # error translation and conflict checks cost more than a small exchange's
+        # parsing. Its errors are OSError, one of STREAM_ERRORS like the stream's.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    async def _send(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            view = view[await sock.send(view) :]
+
+    async def _receive(self) -> bytes:
+        if self._socket is None:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        return await self._socket.recv(RECEIVE_SIZE)
 
     async def send_head(self, head: bytes, method: bytes, *, chunked: bool, end: bool) -> None:
         """Send a framed request head (`end`: it has no body); `chunked` frames the body."""
         self.reader.expect(method)
         self._chunked = chunked
         self.request_done = end
-        await self.stream.send_all(head)
+        await self._send(head)
 
     async def send_body(self, data: bytes) -> None:
         if not data:
             return
         if self._chunked:
-            await self.stream.send_all(b"".join(frame_chunk(data)))
+            await self._send(b"".join(frame_chunk(data)))
         else:
-            await self.stream.send_all(data)
+            await self._send(data)
 
     async def end_body(self) -> None:
         if self._chunked:
-            await self.stream.send_all(CHUNKED_END)
+            await self._send(CHUNKED_END)
         self.request_done = True
 
     def buffered_event(self) -> Event | Sentinel | None:
@@ -102,7 +120,7 @@ class UpstreamConnection:
             event = reader.next_event()
             if event is not NEED_DATA:
                 return event
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self._receive()
             self.bytes_in += len(data)
             reader.receive_data(bytes(data))
 

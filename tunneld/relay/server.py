@@ -46,6 +46,7 @@ from tunneld.transport.session import (
     MuxStream,
 )
 from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly, splice
+from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
 from tunneld.wire import events as ev
 from tunneld.wire.clienthello import (
     ClientHello,
@@ -308,7 +309,7 @@ class Relay:
 
     # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
     async def _serve_own(self, raw: PrefixedStream, ip: str) -> None:
-        tls = trio.SSLStream(raw, self._ssl, server_side=True)
+        tls = TLSStream(raw, self._ssl, server_side=True, receive_size=SESSION_RECEIVE)
         try:
             with trio.fail_after(self.cfg.client_hello_timeout):
                 await tls.do_handshake()
@@ -355,7 +356,7 @@ class Relay:
 
     async def _serve_tunnel(
         self,
-        tls: trio.SSLStream[Any],
+        tls: TLSStream,
         http: h11.Connection,
         request: h11.Request,
         head: bytes,

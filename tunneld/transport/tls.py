@@ -23,9 +23,10 @@ import ssl
 
 import trio
 
-__all__ = ["TLSStream"]
+__all__ = ["SESSION_RECEIVE", "TLSStream"]
 
-RECEIVE_SIZE = 64 * 1024
+RECEIVE_SIZE = 64 * 1024  # transport reads, unless `receive_size` says otherwise
+SESSION_RECEIVE = 256 * 1024  # a session's socket: big reads, few wakeups (DESIGN.md)
 
 
 class TLSStream(trio.abc.Stream):
@@ -39,8 +40,10 @@ class TLSStream(trio.abc.Stream):
         server_side: bool,
         server_hostname: str | None = None,
         prefix: bytes = b"",
+        receive_size: int = RECEIVE_SIZE,
     ) -> None:
         self.transport_stream = transport_stream
+        self._receive_size = receive_size
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         if prefix:
@@ -102,7 +105,7 @@ class TLSStream(trio.abc.Stream):
     async def _fill(self) -> None:
         """One read of the transport into the incoming BIO (EOF included)."""
         try:
-            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+            data = await self.transport_stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, OSError) as exc:
             self._broken = self._broken or exc
             raise
