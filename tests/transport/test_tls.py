@@ -1,4 +1,5 @@
-"""TLSStream, the daemon's server-side TLS, against trio's own SSLStream as the client.
+"""TLSStream against trio's own SSLStream: as the daemon's server side for client
+streams, and as the client side of its session to the relay.
 
 No sockets: `memory_stream_pair` buffers without limit, `lockstep_stream_pair` makes
 every send_all wait for the peer's receive_some (which is what exposes ordering
@@ -513,3 +514,60 @@ async def test_cancelled_receive_loses_nothing(
         while len(got) < len(message):
             got += await server.receive_some()
     assert got == message
+
+
+# -- the client side (the daemon's session to the relay) -----------------------------------
+
+
+def client_pair(
+    certs: Certs, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str = HOST
+) -> tuple[TLSStream, Client]:
+    """TLSStream as the client, trio's SSLStream as the server."""
+    client_t, server_t = trio.testing.memory_stream_pair()
+    client = TLSStream(client_t, client_ctx, server_side=False, server_hostname=hostname)
+    server = trio.SSLStream[trio.abc.Stream](server_t, server_ctx, server_side=True)
+    return client, server
+
+
+@VERSIONS
+async def test_as_a_client_it_verifies_and_carries_data(
+    certs: Certs, server_ctx: ssl.SSLContext, version: ssl.TLSVersion
+) -> None:
+    client, server = client_pair(certs, server_ctx, client_context(certs.ca_pem, version))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await client.send_all(b"hello relay")
+        assert await receive_exactly(server, 11) == b"hello relay"
+        await server.send_all(b"welcome")
+        assert await receive_exactly(client, 7) == b"welcome"
+    assert client.version() == VERSION_NAMES[version]
+
+
+@pytest.mark.parametrize("case", ["untrusted", "wrong-name"])
+async def test_as_a_client_it_refuses_a_certificate_it_cannot_verify(
+    certs: Certs, server_ctx: ssl.SSLContext, case: str
+) -> None:
+    if case == "untrusted":
+        _, other_ca = make_ca("some other CA")
+        client, server = client_pair(certs, server_ctx, client_context(other_ca))
+    else:
+        client, server = client_pair(
+            certs, server_ctx, client_context(certs.ca_pem), hostname="relay.example.com"
+        )
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            with trio.move_on_after(TIMEOUT):
+                try:
+                    await server.do_handshake()
+                except trio.BrokenResourceError:
+                    pass  # the client's alert
+
+        nursery.start_soon(serve)
+        error = await expect_broken(client.do_handshake)
+    # What `tunneld status` shows as last_error comes from this cause.
+    assert isinstance(error.__cause__, ssl.SSLCertVerificationError), error.__cause__
+    with pytest.raises(trio.BrokenResourceError):
+        await client.send_all(b"never")

@@ -1,9 +1,11 @@
 """TLS over any trio stream: an `ssl.SSLObject` between two memory BIOs, kept lean.
 
-What trio's `SSLStream` does, for the one shape the daemon needs on every client
-stream (a server over a `MuxStream`, after the ClientHello was read): it costs
-about a fifth of the daemon's CPU per small request, most of it in the generic
-retry loop (two locks, a checkpoint and a BIO round per call). Here a read is
+What trio's `SSLStream` does, for the shapes tunneld needs: the daemon's every
+client stream (a server over a `MuxStream`, the ClientHello already read), the
+daemon's session to the relay and the relay's `/v1/tunnel` endpoint. Under
+small requests trio's SSLStream was about a fifth of the daemon's samples, crypto
+included; its generic retry loop (two locks, a checkpoint and a BIO round per
+call) is the part left out here. A read is
 `SSLObject.read` and, only when it wants bytes, one `receive_some` of the
 transport; a write is `SSLObject.write` and one `send_all`.
 
