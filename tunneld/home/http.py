@@ -19,7 +19,6 @@ __all__ = [
     "forwarded_chain",
     "forwarded_value",
     "is_upgrade",
-    "request_is_chunked",
     "response_headers",
     "upstream_request_headers",
 ]
@@ -81,11 +80,6 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 _NEVER_NAMED = frozenset({b"", b"content-length", b"host"})
-
-
-def request_is_chunked(request: Request) -> bool:
-    """The request body is chunked (the reader allowed nothing but exactly `chunked`)."""
-    return any(name.lower() == b"transfer-encoding" for name, _ in request.headers)
 
 
 def is_upgrade(request: Request) -> bool:
@@ -161,17 +155,15 @@ def upstream_request_headers(
     return out
 
 
-def response_headers(response: Response, *, keep_length: bool = True) -> HeaderList:
+def response_headers(response: Response) -> HeaderList:
     """The upstream response's headers as the client must see them.
 
-    A 101 keeps `Upgrade` and says `Connection: upgrade`. When the upstream sent
-    Transfer-Encoding, its Content-Length (if any) was ignored by the reader and
-    must not reach the client either (nor when `keep_length` is False): the proxy
-    re-frames the body for the client.
+    A 101 keeps `Upgrade` and says `Connection: upgrade`. Content-Length never
+    passes as sent (it may be repeated, listed, or overridden by Transfer-Encoding):
+    the proxy frames the body for the client and adds the one length it read.
     """
     named = _connection_tokens(response.headers)
     switching = response.status_code == 101
-    chunked = not keep_length or any(n.lower() == b"transfer-encoding" for n, _ in response.headers)
     out: HeaderList = []
     for raw_name, value in response.headers:
         name = raw_name.lower()
@@ -180,7 +172,7 @@ def response_headers(response: Response, *, keep_length: bool = True) -> HeaderL
             continue
         if name in _HOP_BY_HOP or name in named or name.startswith(b"proxy-"):
             continue
-        if chunked and name == b"content-length":
+        if name == b"content-length":
             continue
         out.append((raw_name, value))
     if switching:

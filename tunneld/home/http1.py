@@ -197,6 +197,11 @@ class _Reader:
         )
 
     @property
+    def body_framing(self) -> str:
+        """How the current body is delimited: length, chunked, or close (responses only)."""
+        return self._body.value
+
+    @property
     def done(self) -> bool:
         """The current message is complete."""
         return self._state is _State.DONE
@@ -485,11 +490,6 @@ class ResponseReader(_Reader):
             self._begin_body(_Body.CLOSE)
         self.keep_alive = not close and self._body is not _Body.CLOSE
         return response
-
-    @property
-    def body_framing(self) -> str:
-        """How the current response's body is delimited: length, chunked or close."""
-        return self._body.value
 
 
 # -- framing -------------------------------------------------------------------

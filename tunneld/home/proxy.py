@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
@@ -29,7 +30,6 @@ from tunneld.home.http import (
     error_response,
     forwarded_chain,
     is_upgrade,
-    request_is_chunked,
     response_headers,
     upstream_request_headers,
 )
@@ -267,7 +267,7 @@ class _ClientConnection:
         status = response.status_code
         # One Content-Length line holding the length the reader took (upstreams may
         # repeat or list it; strict clients refuse that).
-        headers = response_headers(response, keep_length=False)
+        headers = response_headers(response)
         if length is not None:
             headers.append((b"Content-Length", b"%d" % length))
         if self.head_request or status in (204, 304):
@@ -334,7 +334,7 @@ class _ClientConnection:
     # -- one request ----------------------------------------------------------
     async def _handle(self, request: Request) -> None:
         self.proxy.requests += 1
-        head = request.method == b"HEAD"
+        head = self.head_request
         client_ip = self.client_ip
         if self.trusted:
             client_ip = self.proxy.watchdog.client_address(client_ip, forwarded_chain(request))
@@ -343,7 +343,7 @@ class _ClientConnection:
             await self._refuse(403, "banned", client_ip, head=head)
         if request.method == b"CONNECT":
             await self._refuse(405, "CONNECT request", client_ip)
-        chunked = request_is_chunked(request)
+        chunked = self.reader.body_framing == "chunked"
         bodyless = not self.reader.has_body
         upgrade = is_upgrade(request)
         host = next((v for n, v in request.headers if n.lower() == b"host"), b"") or self.sni
@@ -357,7 +357,7 @@ class _ClientConnection:
         if bodyless:
             end = self.reader.next_event()  # no I/O: a body of length 0 is complete
             assert isinstance(end, EndOfMessage), end
-        forward = _Forward(upstream_head, request, chunked=chunked, upgrade=upgrade)
+        forward = _Forward(upstream_head, request.method, request.target, chunked, upgrade)
 
         attempts = 2 if bodyless else 1  # a dead pooled connection is retried once
         pool = self.proxy.pool  # released to the pool it came from, even after a reload
@@ -434,17 +434,15 @@ class _ClientConnection:
         raise _End(ResetCode.CANCEL)
 
 
+@dataclass(frozen=True, slots=True)
 class _Forward:
     """A request as it goes upstream: its framed head and what the exchange needs to know."""
 
-    __slots__ = ("chunked", "head", "method", "target", "upgrade")
-
-    def __init__(self, head: bytes, request: Request, *, chunked: bool, upgrade: bool) -> None:
-        self.head = head
-        self.method = request.method
-        self.target = request.target
-        self.chunked = chunked
-        self.upgrade = upgrade
+    head: bytes
+    method: bytes
+    target: bytes
+    chunked: bool
+    upgrade: bool
 
 
 class _Exchange:

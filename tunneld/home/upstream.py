@@ -122,7 +122,7 @@ class UpstreamConnection:
                 return event
             data = await self._receive()
             self.bytes_in += len(data)
-            reader.receive_data(bytes(data))
+            reader.receive_data(data)
 
     @property
     def reusable(self) -> bool:

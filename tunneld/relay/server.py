@@ -260,7 +260,7 @@ class Relay:
             return
         sni = normalize_hostname(hello.sni) if hello.sni else None
         if sni == self.cfg.hostname:
-            await self._serve_own(PrefixedStream(tcp, buf), ip)
+            await self._serve_own(tcp, bytes(buf), ip)
             return
         session = self.registry.lookup(sni) if sni else None
         if session is None:
@@ -308,8 +308,10 @@ class Relay:
             await aclose_quietly(tcp)
 
     # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
-    async def _serve_own(self, raw: PrefixedStream, ip: str) -> None:
-        tls = TLSStream(raw, self._ssl, server_side=True, receive_size=SESSION_RECEIVE)
+    async def _serve_own(self, tcp: trio.SocketStream, hello: bytes, ip: str) -> None:
+        tls = TLSStream(
+            tcp, self._ssl, server_side=True, prefix=hello, receive_size=SESSION_RECEIVE
+        )
         try:
             with trio.fail_after(self.cfg.client_hello_timeout):
                 await tls.do_handshake()
