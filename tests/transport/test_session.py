@@ -268,6 +268,21 @@ async def test_many_streams_coalesce_into_few_messages() -> None:
             assert pair.relay_ws.messages_sent - before < 100
 
 
+async def test_send_all_in_a_cancelled_scope_sends_nothing() -> None:
+    # send_all skips its own scheduler pass when there is credit, but still honours a
+    # cancellation: nothing is queued, and the stream carries on afterwards.
+    with trio.fail_after(10):
+        async with session_pair(echo) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await stream.send_all(b"never sent")
+            assert scope.cancelled_caught
+            await stream.send_all(b"sent")
+            await stream.send_eof()
+            assert await read_all(stream) == b"sent"
+
+
 # -- a hand-driven peer: raw frames against a real relay session ----------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
@@ -471,7 +472,11 @@ class _Exchange:
         self.response_started = False
         self.request_done = trio.Event()
         self.body_abandoned = False  # the upstream stopped taking the request body
-        self.head_scope = trio.CancelScope()  # deadline set once the request is sent
+        # When the response head is due (set once the request is sent); its scope is
+        # made only when the response side may wait for the upstream.
+        self.head_deadline = math.inf
+        self.head_scope: trio.CancelScope | None = None
+        self._whole = False  # _prefetch holds the answer's every event: no waiting
         self._nursery: trio.Nursery | None = None
         self._pending: deque[Event | Sentinel] = deque()  # taken by _prefetch
         self._pending_error: Exception | None = None
@@ -495,7 +500,12 @@ class _Exchange:
 
     def _request_sent(self) -> None:
         self.request_done.set()
-        self.head_scope.deadline = trio.current_time() + self.config.response_timeout
+        self._head_due(trio.current_time() + self.config.response_timeout)
+
+    def _head_due(self, deadline: float) -> None:
+        self.head_deadline = deadline
+        if self.head_scope is not None:
+            self.head_scope.deadline = deadline
 
     async def run(self) -> _Outcome:
         request = self.request
@@ -509,6 +519,7 @@ class _Exchange:
             if self.bodyless:
                 self._request_sent()
                 if await self._prefetch():
+                    self._whole = True
                     await self._response_side()  # all in hand: no waiting, no watcher
                     assert self.outcome is not None
                     return self.outcome
@@ -529,13 +540,19 @@ class _Exchange:
         watcher, so a client that leaves is noticed while the upstream is silent.
         """
         up = self.up
-        with trio.move_on_at(min(self.head_scope.deadline, trio.current_time() + PREFETCH_WAIT)):
-            try:
-                event = await up.next_event()
-            except _UPSTREAM_ERRORS as exc:
-                self._pending_error = exc  # raised again, in order, to _response_side
-                return True
-            self._pending.append(event)
+        try:
+            # Usually already there (the send's scheduler pass gave the upstream time):
+            # then no cancel scope, which costs as much as the rest of the wait.
+            event = up.event_nowait()
+            if event is None:
+                with trio.move_on_at(min(self.head_deadline, trio.current_time() + PREFETCH_WAIT)):
+                    event = await up.next_event()
+        except _UPSTREAM_ERRORS as exc:
+            self._pending_error = exc  # raised again, in order, to _response_side
+            return True
+        if event is None:
+            return False  # not within PREFETCH_WAIT: the client watcher's turn
+        self._pending.append(event)
         while self._pending:
             last = self._pending[-1]
             if last is PAUSED or isinstance(last, EndOfMessage | ConnectionClosed):
@@ -616,7 +633,7 @@ class _Exchange:
                 except _UPSTREAM_ERRORS:
                     # The upstream stopped reading; it may still answer (early response).
                     self.body_abandoned = True
-                    self.head_scope.deadline = trio.current_time() + config.response_timeout
+                    self._head_due(trio.current_time() + config.response_timeout)
                     return False
                 self._request_sent()
                 return True
@@ -650,29 +667,39 @@ class _Exchange:
             log.warning("cannot forward the upstream's response to %s: %s", self.ip, exc)
             self._stop(_Outcome.ABORT if self.response_started else _Outcome.ERROR, 502, str(exc))
 
+    async def _final_head(self) -> Response | None:
+        """The final response head, after passing on any 1xx; None once switched (101)."""
+        while True:
+            event = await self._upstream_event()
+            if not isinstance(event, Response):
+                raise RemoteHttpError(f"unexpected {event!r} before the response")
+            if event.status_code >= 200:
+                return event
+            if event.status_code == 101:
+                await self._switch(event)
+                return None
+            if self.c.http_version == b"1.1":  # HTTP/1.0 clients never see 1xx (RFC 9110 15.2)
+                self.response_started = True
+                await self.c.send_informational(event)
+
     async def _relay_response(self) -> None:
         c = self.c
-        response: Response | None = None
-        with self.head_scope:
-            while response is None:
-                event = await self._upstream_event()
-                if not isinstance(event, Response):
-                    raise RemoteHttpError(f"unexpected {event!r} before the response")
-                if event.status_code >= 200:
-                    response = event
-                elif event.status_code == 101:
-                    await self._switch(event)
-                    return
-                elif c.http_version == b"1.1":  # HTTP/1.0 clients never see 1xx (RFC 9110 15.2)
-                    self.response_started = True
-                    await c.send_informational(event)
+        if self._whole:
+            response = await self._final_head()
+        else:
+            self.head_scope = scope = trio.CancelScope(deadline=self.head_deadline)
+            response = None
+            with scope:
+                response = await self._final_head()
+            if scope.cancelled_caught:
+                if self.response_started:  # a 1xx went out: too late for a 504 page
+                    self._stop(_Outcome.ABORT)
+                else:
+                    limit = self.config.response_timeout
+                    self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
+                return
         if response is None:
-            if self.response_started:  # a 1xx went out: too late for a 504 page
-                self._stop(_Outcome.ABORT)
-            else:
-                limit = self.config.response_timeout
-                self._stop(_Outcome.ERROR, 504, f"no response within {limit:g}s")
-            return
+            return  # switched protocols
         # Framed first: a head that cannot be sent still gets a 502 page.
         reader = self.up.reader
         c.start_response(response, reader.body_framing, reader.content_length)

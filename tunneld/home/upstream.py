@@ -26,6 +26,7 @@ from tunneld.home.http1 import (
     Sentinel,
     frame_chunk,
 )
+from tunneld.transport.rawsock import RawSocketStream, raw_stream
 from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly
 
 __all__ = ["UpstreamConnection", "UpstreamError", "UpstreamPool", "upstream_ssl_context"]
@@ -69,24 +70,13 @@ class UpstreamConnection:
         self._chunked = False  # the request body being sent is chunked
         self.request_done = True  # no request is partly sent
         self._poller: select.poll | None = None
-        # A plain TCP upstream is used through its socket: SocketStream's per-call
-        # error translation and conflict checks cost more than a small exchange's
-        # parsing. Its errors are OSError, one of STREAM_ERRORS like the stream's.
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def _send(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is None:
-            await self.stream.send_all(data)
-            return
-        view = memoryview(data)
-        while view:
-            view = view[await sock.send(view) :]
+        await self.stream.send_all(data)
 
     async def _receive(self) -> bytes:
-        if self._socket is None:
-            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
-        return await self._socket.recv(RECEIVE_SIZE)
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        return data if type(data) is bytes else bytes(data)
 
     async def send_head(self, head: bytes, method: bytes, *, chunked: bool, end: bool) -> None:
         """Send a framed request head (`end`: it has no body); `chunked` frames the body."""
@@ -107,6 +97,23 @@ class UpstreamConnection:
         if self._chunked:
             await self._send(CHUNKED_END)
         self.request_done = True
+
+    def event_nowait(self) -> Event | Sentinel | None:
+        """The next event if it needs no waiting: from what is buffered, or what a
+        plain TCP socket holds right now. None when it would have to wait."""
+        reader = self.reader
+        event = reader.next_event()
+        stream = self.stream
+        while event is NEED_DATA:
+            if not isinstance(stream, RawSocketStream):
+                return None
+            data = stream.receive_nowait(RECEIVE_SIZE)
+            if data is None:
+                return None
+            self.bytes_in += len(data)
+            reader.receive_data(data)
+            event = reader.next_event()
+        return event
 
     def buffered_event(self) -> Event | Sentinel | None:
         """The next event if it needs no more bytes, else None (no I/O)."""
@@ -248,7 +255,7 @@ class UpstreamPool:
         cfg = self.config
         tcp = await trio.open_tcp_stream(cfg.host, cfg.port)
         if cfg.scheme != "https":
-            return tcp
+            return raw_stream(tcp)  # see rawsock.py: most of a small exchange's socket time
         if self._ssl is None:
             self._ssl = upstream_ssl_context(cfg)
         tls = trio.SSLStream(tcp, self._ssl, server_hostname=cfg.host)

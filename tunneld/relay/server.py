@@ -39,6 +39,7 @@ from tunneld.tokens import (
 )
 from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
 from tunneld.transport.prefixed import PrefixedStream
+from tunneld.transport.rawsock import raw_stream
 from tunneld.transport.session import (
     MAX_MESSAGE_SIZE,
     RECEIVE_BUFFER,
@@ -291,10 +292,12 @@ class Relay:
         await self._splice_client(tcp, stream, bytes(buf))
 
     async def _splice_client(self, tcp: trio.SocketStream, stream: MuxStream, first: bytes) -> None:
+        # The socket used directly (rawsock.py): a small request's bytes cross here twice.
+        client = raw_stream(tcp)
         clean = False
         try:
             await stream.send_all(first)
-            clean = await splice(tcp, stream)
+            clean = await splice(client, stream)
             log.debug("client stream %d ended %s", stream.stream_id, "cleanly" * clean or "broken")
         except STREAM_ERRORS:
             clean = False
@@ -304,8 +307,8 @@ class Relay:
             else:
                 # A cut stream must look cut to the client: TCP reset, not FIN.
                 stream.reset(ev.ResetCode.CANCEL)
-                abort_socket(tcp)
-            await aclose_quietly(tcp)
+                abort_socket(client)
+            await aclose_quietly(client)
 
     # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
     async def _serve_own(self, tcp: trio.SocketStream, hello: bytes, ip: str) -> None:

@@ -1,0 +1,181 @@
+"""RawSocketStream on real loopback TCP sockets: the stream contract the proxy and
+the relay rely on, and the scheduling promises that make it cheaper than trio's."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from tunneld.transport.rawsock import RawSocketStream, raw_stream
+
+TIMEOUT = 10
+
+
+@asynccontextmanager
+async def pair() -> AsyncIterator[tuple[RawSocketStream, RawSocketStream]]:
+    """Two connected RawSocketStreams over 127.0.0.1 (port 0)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(TIMEOUT):
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+    await listeners[0].aclose()
+    a, b = raw_stream(client), raw_stream(server)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler's task steps: a call that yields makes at least one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def receive_exactly(stream: RawSocketStream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = await stream.receive_some(65536)
+        assert data, "EOF before the whole transfer"
+        out += data
+    return bytes(out)
+
+
+async def test_carries_bytes_both_ways_concurrently() -> None:
+    size = 8 << 20  # far more than the socket buffers: sends must wait for the reader
+    blob = os.urandom(size)
+    async with pair() as (a, b):
+        got: dict[str, bytes] = {}
+
+        async def read(name: str, stream: RawSocketStream) -> None:
+            got[name] = await receive_exactly(stream, size)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send_all, blob)
+                nursery.start_soon(b.send_all, blob[::-1])
+                nursery.start_soon(read, "b", b)
+                nursery.start_soon(read, "a", a)
+    assert hashlib.sha256(got["b"]).digest() == hashlib.sha256(blob).digest()
+    assert hashlib.sha256(got["a"]).digest() == hashlib.sha256(blob[::-1]).digest()
+
+
+async def test_waiting_bytes_are_returned_without_a_scheduler_pass() -> None:
+    async with pair() as (a, b):
+        await a.send_all(b"hello")
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(b.socket)
+        steps = _Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            assert await b.receive_some(100) == b"hello"
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.count == 0  # the task never went back to the scheduler
+
+
+async def test_send_all_is_a_checkpoint() -> None:
+    # A loop that only receives waiting bytes and sends must still let others run.
+    async with pair() as (a, _):
+        with trio.testing.assert_checkpoints():
+            await a.send_all(b"x")
+
+
+async def test_a_cancelled_receive_raises_even_with_bytes_waiting() -> None:
+    async with pair() as (a, b):
+        await a.send_all(b"kept")
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(b.socket)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await b.receive_some(100)
+        assert scope.cancelled_caught
+        assert await b.receive_some(100) == b"kept"  # nothing was lost
+
+
+async def test_receive_nowait() -> None:
+    async with pair() as (a, b):
+        assert b.receive_nowait() is None  # empty: would have to wait
+        await a.send_all(b"ping")
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(b.socket)
+        assert b.receive_nowait() == b"ping"
+        await a.send_eof()
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(b.socket)
+        assert b.receive_nowait() == b""
+
+
+async def test_send_eof_half_closes() -> None:
+    async with pair() as (a, b):
+        await a.send_all(b"last words")
+        await a.send_eof()
+        with trio.fail_after(TIMEOUT):
+            assert await receive_exactly(b, 10) == b"last words"
+            assert await b.receive_some(100) == b""
+            # The other direction still works.
+            await b.send_all(b"reply")
+            assert await receive_exactly(a, 5) == b"reply"
+
+
+async def test_aclose_wakes_a_waiting_receiver() -> None:
+    async with pair() as (_, b):
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+
+                async def closer() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await b.aclose()
+
+                nursery.start_soon(closer)
+                with pytest.raises(trio.ClosedResourceError):
+                    await b.receive_some(100)
+        with pytest.raises(trio.ClosedResourceError):
+            await b.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            b.receive_nowait()
+
+
+async def test_concurrent_receives_are_refused() -> None:
+    async with pair() as (_, b):
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.receive_some, 100)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    await b.receive_some(100)
+                with pytest.raises(trio.BusyResourceError):
+                    b.receive_nowait()
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_is_broken_with_the_os_error_as_cause() -> None:
+    async with pair() as (a, b):
+        # SO_LINGER 0: closing sends RST instead of FIN.
+        a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await a.aclose()
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(b.socket)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await b.receive_some(100)
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+async def test_max_bytes_must_be_positive() -> None:
+    async with pair() as (_, b):
+        with pytest.raises(ValueError):
+            await b.receive_some(0)
