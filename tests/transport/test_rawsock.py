@@ -7,13 +7,15 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
+from tunneld.transport import rawsock
 from tunneld.transport.rawsock import RawSocketStream, raw_stream
 
 TIMEOUT = 10
@@ -79,20 +81,62 @@ async def test_waiting_bytes_are_returned_without_a_scheduler_pass() -> None:
         await a.send_all(b"hello")
         with trio.fail_after(TIMEOUT):
             await trio.lowlevel.wait_readable(b.socket)
-        steps = _Steps()
-        trio.lowlevel.add_instrument(steps)
-        try:
-            assert await b.receive_some(100) == b"hello"
-        finally:
-            trio.lowlevel.remove_instrument(steps)
-        assert steps.count == 0  # the task never went back to the scheduler
+        received: list[bytes] = []
+
+        async def receive() -> None:
+            received.append(await b.receive_some(100))
+
+        assert await counted_steps(receive) == 0  # the task never went back to the scheduler
+        assert received == [b"hello"]
 
 
-async def test_send_all_is_a_checkpoint() -> None:
-    # A loop that only receives waiting bytes and sends must still let others run.
+async def counted_steps(work: Callable[[], Awaitable[None]]) -> int:
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await work()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    return steps.count
+
+
+async def test_a_small_send_makes_no_scheduler_pass() -> None:
     async with pair() as (a, _):
-        with trio.testing.assert_checkpoints():
-            await a.send_all(b"x")
+        assert await counted_steps(partial(a.send_all, b"x")) == 0
+
+
+async def test_a_cancelled_send_sends_nothing() -> None:
+    async with pair() as (a, b):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await a.send_all(b"never")
+        assert scope.cancelled_caught
+        await a.send_all(b"sent")
+        with trio.fail_after(TIMEOUT):
+            assert await receive_exactly(b, 4) == b"sent"
+
+
+async def test_a_flood_still_lets_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sends that never block and receives that never wait still pass to the
+    # scheduler once FAIR_BYTES went by, so one busy socket cannot starve the rest.
+    monkeypatch.setattr(rawsock, "FAIR_BYTES", 4096)  # a flood that fits in socket buffers
+    piece = b"x" * 1024
+    total = 3 * rawsock.FAIR_BYTES  # a pass after each FAIR_BYTES and a piece: two or more
+
+    async def send_flood() -> None:
+        for _ in range(total // len(piece)):
+            await a.send_all(piece)
+
+    async def receive_flood() -> None:
+        got = 0
+        while got < total:
+            got += len(await b.receive_some(len(piece)))
+
+    async with pair() as (a, b):
+        with trio.fail_after(TIMEOUT):
+            assert await counted_steps(send_flood) >= 2
+            await trio.sleep(0.05)  # everything sent is in b's buffer by now
+            assert await counted_steps(receive_flood) >= 2
 
 
 async def test_a_cancelled_receive_raises_even_with_bytes_waiting() -> None:

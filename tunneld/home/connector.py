@@ -23,6 +23,7 @@ from tunneld.config import HomeConfig
 from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.home.bans import BanList
 from tunneld.transport.channel import ChannelClosed, open_channel
+from tunneld.transport.rawsock import raw_stream
 from tunneld.transport.session import (
     MuxSession,
     StreamHandler,
@@ -231,7 +232,7 @@ class Connector:
         log.info("connecting to %s", self.cfg.url)
         timeout = self.cfg.connect_timeout
         with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(address, self._port)
+            tcp = raw_stream(await trio.open_tcp_stream(address, self._port))
         stream: trio.abc.Stream = tcp
         try:
             if self._ssl is not None:

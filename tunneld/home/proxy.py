@@ -540,9 +540,11 @@ class _Exchange:
         watcher, so a client that leaves is noticed while the upstream is silent.
         """
         up = self.up
+        # One scheduler pass first: the rest of this batch's requests go out, and by
+        # the time this task looks again the answer is usually there. Then it is taken
+        # without a cancel scope, which costs as much as the rest of the wait.
+        await trio.lowlevel.checkpoint()
         try:
-            # Usually already there (the send's scheduler pass gave the upstream time):
-            # then no cancel scope, which costs as much as the rest of the wait.
             event = up.event_nowait()
             if event is None:
                 with trio.move_on_at(min(self.head_deadline, trio.current_time() + PREFETCH_WAIT)):

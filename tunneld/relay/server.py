@@ -312,8 +312,9 @@ class Relay:
 
     # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
     async def _serve_own(self, tcp: trio.SocketStream, hello: bytes, ip: str) -> None:
+        # A session carries every request of a home: its socket is used directly too.
         tls = TLSStream(
-            tcp, self._ssl, server_side=True, prefix=hello, receive_size=SESSION_RECEIVE
+            raw_stream(tcp), self._ssl, server_side=True, prefix=hello, receive_size=SESSION_RECEIVE
         )
         try:
             with trio.fail_after(self.cfg.client_hello_timeout):

@@ -2,14 +2,17 @@
 
 trio's `SocketStream` runs every call through a generic helper: an async
 context manager, a conflict detector and a scheduler pass after each call that
-did not wait. Under small requests those were most of the daemon's socket time.
-This stream keeps the contract the proxy relies on and drops the rest:
+did not wait. Under small requests and WebSocket messages those passes were
+most of the relay's and the daemon's socket time: a task that has just sent
+usually goes on to wait for something anyway. This stream keeps the contract
+the proxy and the session rely on and drops the rest:
 
-- a receive that finds bytes waiting returns them at once (cancellation is
-  still honoured); it waits on epoll only when the socket is empty;
-- a send ends with one scheduler pass (unless it already waited), so a loop
-  that only receives and sends still lets other tasks run; after a request
-  goes upstream, that pass is also what gives the answer time to arrive;
+- a receive that finds bytes waiting returns them at once, and a send that
+  fits in the socket buffer returns at once; cancellation is still honoured
+  (`checkpoint_if_cancelled`);
+- fairness by volume instead of by call: after `FAIR_BYTES` moved without a
+  scheduler pass, the call makes one, so a flood on one socket (a session
+  carrying a bulk upload, say) still lets every other task run;
 - OS errors are `trio.BrokenResourceError` (cause kept), use after close is
   `trio.ClosedResourceError`, two concurrent receives (or sends) are
   `trio.BusyResourceError`; `send_eof` half-closes, `aclose` wakes any waiter.
@@ -21,23 +24,36 @@ import socket
 
 import trio
 
-__all__ = ["RawSocketStream", "raw_stream"]
+__all__ = ["FAIR_BYTES", "RawSocketStream", "raw_stream"]
 
 RECEIVE_SIZE = 64 * 1024
+# Bytes a stream may move without a scheduler pass: a few reads of a busy socket.
+FAIR_BYTES = 64 * 1024
 
 
 class RawSocketStream(trio.abc.HalfCloseableStream):
-    """`socket` is a connected stdlib TCP socket; the stream makes it non-blocking."""
+    """`socket` is a connected stdlib TCP socket; the stream makes it non-blocking
+    and sets TCP_NODELAY (as trio does: small writes are requests, not a stream)."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False
         self._receiving = False
         self._sending = False
+        self._unyielded = 0  # bytes moved since this stream last made a scheduler pass
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
         return trio.BrokenResourceError(str(exc) or type(exc).__name__)
+
+    async def _moved(self, nbytes: int) -> None:
+        """Count bytes moved without waiting; pass to the scheduler past FAIR_BYTES."""
+        self._unyielded += nbytes
+        if self._unyielded > FAIR_BYTES:
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
@@ -51,11 +67,15 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 if self._closed:
                     raise trio.ClosedResourceError("socket already closed")
                 try:
-                    return self.socket.recv(max_bytes or RECEIVE_SIZE)
+                    data = self.socket.recv(max_bytes or RECEIVE_SIZE)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.socket)
+                    self._unyielded = 0
+                    continue
                 except OSError as exc:
                     raise self._broken(exc) from exc
+                await self._moved(len(data))
+                return data
         finally:
             self._receiving = False
 
@@ -66,11 +86,13 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("socket already closed")
         try:
-            return self.socket.recv(max_bytes)
+            data = self.socket.recv(max_bytes)
         except BlockingIOError:
             return None
         except OSError as exc:
             raise self._broken(exc) from exc
+        self._unyielded += len(data)  # the next async call makes up for it if need be
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -80,19 +102,17 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
                 raise trio.ClosedResourceError("socket already closed")
-            waited = False
             with memoryview(data) as raw, raw.cast("B") as view:
-                sent, total = 0, len(view)
+                sent, total, since_wait = 0, len(view), 0
                 while sent < total:
                     try:
                         sent += self.socket.send(view[sent:])
                     except BlockingIOError:
-                        waited = True
                         await trio.lowlevel.wait_writable(self.socket)
+                        self._unyielded, since_wait = 0, sent
                     except OSError as exc:
                         raise self._broken(exc) from exc
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._moved(total - since_wait)
         finally:
             self._sending = False
 

@@ -116,6 +116,13 @@ class TLSStream(trio.abc.Stream):
         else:
             self._incoming.write_eof()
 
+    async def _want_bytes(self) -> None:
+        """OpenSSL needs more of the peer's bytes: send what it wrote first (it may be
+        what the peer waits for), then read the transport."""
+        if self._outgoing.pending:
+            await self._flush()
+        await self._fill()
+
     # -- trio.abc.Stream -------------------------------------------------------
     async def do_handshake(self) -> None:
         self._check()
@@ -166,13 +173,18 @@ class TLSStream(trio.abc.Stream):
                 await trio.lowlevel.checkpoint()
                 data, self._leftover = self._leftover, b""
                 return data
+            incoming, tls = self._incoming, self._ssl
             while True:
+                # Nothing to decrypt: read() would only raise SSLWantReadError, which
+                # costs as much as a small record's decryption. Read the transport first.
+                if not (yielded or incoming.pending or incoming.eof or tls.pending()):
+                    await self._want_bytes()
+                    yielded = True
+                    continue
                 try:
-                    data = self._ssl.read(max_bytes or RECEIVE_SIZE)
+                    data = tls.read(max_bytes or RECEIVE_SIZE)
                 except ssl.SSLWantReadError:
-                    if self._outgoing.pending:
-                        await self._flush()
-                    await self._fill()
+                    await self._want_bytes()
                     yielded = True
                     continue
                 except ssl.SSLZeroReturnError:
