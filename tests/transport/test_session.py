@@ -6,8 +6,10 @@ everything above it (mux, flow control, stream semantics) is the real code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -281,6 +283,49 @@ async def test_send_all_in_a_cancelled_scope_sends_nothing() -> None:
             await stream.send_all(b"sent")
             await stream.send_eof()
             assert await read_all(stream) == b"sent"
+
+
+async def test_deliver_to_writes_straight_into_the_socket_and_keeps_order() -> None:
+    # The relay's client socket gets the home's bytes from the session reader itself
+    # while the splice waits; bytes the socket cannot take go through receive_some.
+    go_send, go_recv = trio.open_memory_channel[bytes](4)
+
+    async def home(stream: MuxStream) -> None:
+        async for data in go_recv:
+            await stream.send_all(data)
+        await stream.send_eof()
+        await read_all(stream)  # until the relay side ends too
+
+    sink, peer = socket.socketpair()
+    sink.setblocking(False)
+    peer.setblocking(False)
+    with sink, peer, trio.fail_after(10):
+        async with session_pair(home) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
+            stream.deliver_to(sink)
+            await stream.send_all(b"hi")  # opens the stream at the home
+            got: list[bytes] = []
+
+            async def consumer() -> None:
+                while data := await stream.receive_some():
+                    got.append(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consumer)
+                await go_send.send(b"direct")
+                await trio.lowlevel.wait_readable(peer)
+                assert peer.recv(100) == b"direct"
+                assert got == []  # it never went through the consumer
+                # A full socket: the next bytes wait for the consumer instead, in order.
+                filled = 0
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        filled += sink.send(b"x" * 65536)
+                await go_send.send(b"buffered")
+                await go_send.aclose()
+                await stream.send_eof()
+            assert got == [b"buffered"]
+            assert filled > 0
 
 
 # -- a hand-driven peer: raw frames against a real relay session ----------------------------

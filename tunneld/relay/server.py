@@ -295,6 +295,7 @@ class Relay:
         # The socket used directly (rawsock.py): a small request's bytes cross here twice.
         client = raw_stream(tcp)
         clean = False
+        stream.deliver_to(client.socket)  # the home's bytes go out without a task switch
         try:
             await stream.send_all(first)
             clean = await splice(client, stream)
@@ -302,6 +303,7 @@ class Relay:
         except STREAM_ERRORS:
             clean = False
         finally:
+            stream.deliver_to(None)
             if clean:
                 await stream.aclose()
             else:

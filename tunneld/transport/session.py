@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -78,12 +79,33 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._lot = trio.lowlevel.ParkingLot()
         self._send_conflict = False
         self._recv_conflict = False
+        self._receiver_parked = False  # a receive_some waits, with nothing in hand
+        self._sink: socket.socket | None = None  # see deliver_to
+
+    def deliver_to(self, sink: socket.socket | None) -> None:
+        """Write received data straight into `sink` while the consumer waits with
+        nothing buffered: the relay's client then gets its bytes without a task
+        switch. Whatever the socket does not take at once is buffered for
+        `receive_some` as usual, so order is kept. The consumer must be the only
+        writer to `sink`, and write only what it received from this stream."""
+        self._sink = sink
 
     # -- fed by the session reader ------------------------------------------
     def _feed(self, data: bytes) -> None:
         if self._detached:
             self._session._acknowledge(self.stream_id, len(data))
             return
+        sink = self._sink
+        if sink is not None and self._receiver_parked and not self._recv:
+            try:
+                sent = sink.send(data)
+            except OSError:  # full (BlockingIOError) or broken: the consumer sees to it
+                sent = 0
+            if sent:
+                self._session._acknowledge(self.stream_id, sent)
+                if sent == len(data):
+                    return
+                data = data[sent:]
         if self._recv is None:
             self._recv = bytearray(data)
         else:
@@ -137,7 +159,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     return b""
                 if self._detached:
                     raise trio.ClosedResourceError("stream was closed")
-                await self._lot.park()
+                self._receiver_parked = True
+                try:
+                    await self._lot.park()
+                finally:
+                    self._receiver_parked = False
                 yielded = True
         finally:
             self._recv_conflict = False
