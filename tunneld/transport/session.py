@@ -86,8 +86,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """Write received data straight into `sink` while the consumer waits with
         nothing buffered: the relay's client then gets its bytes without a task
         switch. Whatever the socket does not take at once is buffered for
-        `receive_some` as usual, so order is kept. The consumer must be the only
-        writer to `sink`, and write only what it received from this stream."""
+        `receive_some` as usual, so order is kept. `sink` must be non-blocking (the
+        session reader never waits on it); the consumer must be its only writer and
+        write only what it received from this stream."""
         self._sink = sink
 
     # -- fed by the session reader ------------------------------------------

@@ -167,7 +167,9 @@ class TLSStream(trio.abc.Stream):
         if not self._handshook:
             await self.do_handshake()
         self._receiving = True
-        yielded = False
+        # A transport read was made: that is this call's scheduling point (a
+        # RawSocketStream's comes by volume), and what it brought is worth a read().
+        filled = False
         try:
             if self._leftover:
                 await trio.lowlevel.checkpoint()
@@ -177,15 +179,15 @@ class TLSStream(trio.abc.Stream):
             while True:
                 # Nothing to decrypt: read() would only raise SSLWantReadError, which
                 # costs as much as a small record's decryption. Read the transport first.
-                if not (yielded or incoming.pending or incoming.eof or tls.pending()):
+                if not (filled or incoming.pending or incoming.eof or tls.pending()):
                     await self._want_bytes()
-                    yielded = True
+                    filled = True
                     continue
                 try:
                     data = tls.read(max_bytes or RECEIVE_SIZE)
                 except ssl.SSLWantReadError:
                     await self._want_bytes()
-                    yielded = True
+                    filled = True
                     continue
                 except ssl.SSLZeroReturnError:
                     data = b""  # close_notify: a clean end
@@ -197,7 +199,7 @@ class TLSStream(trio.abc.Stream):
                     except trio.Cancelled:
                         self._leftover = data  # already decrypted: the next call gets it
                         raise
-                elif not yielded:
+                elif not filled:
                     await trio.lowlevel.checkpoint()
                 return data
         finally:
