@@ -123,6 +123,7 @@ def test_json_control_frames_are_plain_json() -> None:
         frame(0x00, 0, b""),
         frame(FrameType.EOF, 1, b"", flags=1),
         frame(FrameType.PING, 1, bytes(8)),  # control frame on a stream
+        frame(FrameType.DATA, 1, b"x", flags=1),  # DATA's own fast path checks flags too
         frame(FrameType.DATA, 0, b"x"),  # stream frame on stream 0
         frame(FrameType.DATA, 1, b""),  # empty DATA
         frame(FrameType.WINDOW, 1, bytes(3)),

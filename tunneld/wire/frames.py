@@ -49,6 +49,7 @@ PING_SIZE: Final = 8
 MAX_SNI: Final = 255
 
 _U32: Final = struct.Struct("!I")
+_DATA: Final = int(FrameType.DATA)
 _PORT_SNI: Final = struct.Struct("!HB")
 
 _CONTROL: Final = frozenset(
@@ -243,7 +244,13 @@ class FrameDecoder:
         if len(data) - pos < HEADER_SIZE:
             return None
         raw_type, flags, stream_id, length = HEADER.unpack_from(data, pos)
-        ftype = self._check_header(raw_type, flags, stream_id, length)
+        # DATA is nearly every frame: its checks inline, without the enum lookups.
+        is_data = (
+            raw_type == _DATA and not flags and stream_id and 0 < length <= self.max_frame_size
+        )
+        ftype = (
+            FrameType.DATA if is_data else self._check_header(raw_type, flags, stream_id, length)
+        )
         start = pos + HEADER_SIZE
         end = start + length
         if len(data) < end:
@@ -253,6 +260,8 @@ class FrameDecoder:
             self._data, self._pos = b"", 0  # release the fed buffer at once
         else:
             self._pos = end
+        if is_data:
+            return Data(stream_id, payload)
         return _decode_payload(ftype, stream_id, payload)
 
     def _check_header(self, raw_type: int, flags: int, stream_id: int, length: int) -> FrameType:

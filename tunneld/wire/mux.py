@@ -398,6 +398,8 @@ class Connection:
         self._queued_bytes = 0
 
     def _on_frame(self, event: Event) -> Event | None:
+        if type(event) is Data and self._phase is SessionState.OPEN:
+            return self._receive_data_frame(event)  # either peer sends DATA once open
         ftype = _FRAME_TYPES[type(event)]
         if ftype is FrameType.GOAWAY:
             self._goaway_received = True
@@ -510,6 +512,9 @@ class Connection:
             raise LocalProtocolError("the connection is in state ERROR: only GoAway may be sent")
         if self._closed:
             raise LocalProtocolError("the connection is closed")
+        if type(event) is Data and self._phase is SessionState.OPEN:
+            self._send_data(event)  # either peer sends DATA once open
+            return
         ftype = _FRAME_TYPES.get(type(event))
         if ftype is None:
             raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
