@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -190,6 +191,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(cmd)
 
 
+def _freeze_startup_heap() -> None:
+    """Take what start-up built (modules, classes, the config) out of the cyclic GC's
+    sight. A full collection walked all ~50,000 of those objects, a 20+ ms pause for every
+    stream under load (bench/RESULTS.md), and they live as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
 def _run(path: str) -> int:
     from tunneld.config import HomeConfig, load_config
     from tunneld.errors import ConfigError
@@ -200,6 +209,7 @@ def _run(path: str) -> int:
     if not isinstance(config, HomeConfig):
         raise ConfigError(f"{path}: this is a relay config; run it with `tunneld relay -c {path}`")
     setup_logging(config.daemon.log_level)
+    _freeze_startup_heap()
     return trio.run(run_daemon, config)
 
 
@@ -213,6 +223,7 @@ def _relay(path: str) -> int:
     if not isinstance(config, RelayConfig):
         raise ConfigError(f"{path}: this is a home config; run it with `tunneld run -c {path}`")
     setup_logging(config.relay.log_level)
+    _freeze_startup_heap()
     try:
         return trio.run(run_relay, config)
     except OSError as exc:

@@ -8,9 +8,11 @@ deadlocks). The server context is the daemon's own (`tunneld.home.certs.server_c
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,3 +573,36 @@ async def test_as_a_client_it_refuses_a_certificate_it_cannot_verify(
     assert isinstance(error.__cause__, ssl.SSLCertVerificationError), error.__cause__
     with pytest.raises(trio.BrokenResourceError):
         await client.send_all(b"never")
+
+
+@pytest.mark.parametrize("when", ["handshake", "data"])
+async def test_a_broken_stream_is_freed_without_the_cycle_collector(
+    certs: Certs, server_ctx: ssl.SSLContext, when: str
+) -> None:
+    """Most clients vanish without close_notify. The error a TLSStream keeps must not hold
+    the stream in a reference cycle (its traceback's frames refer back to it): each one
+    would keep its SSL object and buffers until a full collection, a long pause under load."""
+    client, server, client_t, _ = memory_pair(certs, server_ctx)
+    if when == "handshake":
+        await client_t.send_all(client_hello())
+    else:
+        await handshake(client, server)
+    await client_t.send_stream.aclose()
+    # Not pytest.raises: its ExceptionInfo and the frames it keeps would hold `server`.
+    for _ in range(2):  # the error it breaks with, then the one it keeps raising
+        try:
+            with trio.fail_after(TIMEOUT):
+                await (server.receive_some() if when == "data" else server.do_handshake())
+        except trio.BrokenResourceError:
+            pass
+        else:
+            raise AssertionError("the stream did not break")
+    gone = weakref.ref(server)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del server
+        assert gone() is None, "a broken TLSStream outlived its last reference"
+    finally:
+        if enabled:
+            gc.enable()

@@ -21,6 +21,7 @@ its first send, as trio does (openssl/openssl#7948).
 
 from __future__ import annotations
 
+import copy
 import ssl
 
 import trio
@@ -72,7 +73,7 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError("TLS stream is broken") from self._broken
 
     def _fail(self, exc: BaseException) -> trio.BrokenResourceError:
-        self._broken = exc
+        self._broken = _kept(exc)
         error = trio.BrokenResourceError(str(exc) or type(exc).__name__)
         error.__cause__ = exc
         return error
@@ -98,7 +99,7 @@ class TLSStream(trio.abc.Stream):
             await self.transport_stream.send_all(data)
         except BaseException as exc:
             # Part of a record may have gone (even when cancelled): nothing can follow it.
-            self._broken = self._broken or exc
+            self._broken = self._broken or _kept(exc)
             raise
         finally:
             self._transport_busy = False
@@ -109,7 +110,7 @@ class TLSStream(trio.abc.Stream):
         try:
             data = await self.transport_stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, OSError) as exc:
-            self._broken = self._broken or exc
+            self._broken = self._broken or _kept(exc)
             raise
         if data:
             self._incoming.write(data)
@@ -244,3 +245,16 @@ class TLSStream(trio.abc.Stream):
                 await self._flush_quietly()
         finally:
             await self.transport_stream.aclose()
+
+
+def _kept(exc: BaseException) -> BaseException:
+    """`exc` without its traceback, to keep as the reason the stream broke. The
+    traceback's frames refer back to the stream, and that cycle held every broken stream
+    (its SSL object and buffers) until a full collection: most clients vanish without
+    close_notify, so under load that was a long pause every few seconds."""
+    try:
+        kept = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - trio.Cancelled, say, has no public constructor
+        kept = trio.BrokenResourceError(str(exc) or type(exc).__name__)
+    kept.__traceback__ = None
+    return kept
