@@ -1,5 +1,5 @@
 """A/B of two code trees in the same run: `python -m bench.ab BASE [--rounds N] [--seconds S]
-[--only rate,ws]`.
+[--only rate,ws,bulk]`.
 
 BASE is a directory holding another copy of the `tunneld` package (for instance
 `git archive HEAD tunneld | tar -x -C /tmp/base`). Two complete worlds start side by side
@@ -26,14 +26,19 @@ from bench.world import CpuSampler, World, raise_nofile
 SPECS: dict[str, dict[str, Any]] = {
     "rate": {"mode": "rate", "conns": 50, "warmup": 0.5, "path": "/small"},
     "ws": {"mode": "ws", "conns": 10, "size": 64, "warmup": 0.5, "path": "/ws/echo"},
+    # Repeated 16 MiB GETs on one connection for the round's seconds; an "op" is a MiB.
+    "bulk": {"mode": "download", "size": 16 * 1024 * 1024},
 }
 COLUMNS = ("ops/s", "p99 ms", "home ms/op", "relay ms/op", "app ms/op", "cores busy")
+MIB = 1024 * 1024
 
 
 def measure(
     world: World, clients: Clients, sampler: CpuSampler, spec: dict[str, Any]
 ) -> tuple[float, ...]:
     r = clients.run(True, spec, timeout=float(spec["duration"]) + 60)
+    if spec["mode"] == "download":  # no latencies: MiB/s and CPU per MiB
+        r["rate"], r["p99_ms"] = r["mbps"] * 1e6 / MIB, 0.0
     share = sampler.share(r["t0"], r["t1"])
     per_op = {name: 1000 * share[name] / r["rate"] for name in ("home", "relay", "app")}
     busy = sum(share[n] for n in ("home", "relay", "app")) + r["cpu"] / r["seconds"]
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", type=Path, help="directory with the baseline tunneld package")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--only", default="rate,ws", help="figures: rate,ws")
+    parser.add_argument("--only", default="rate,ws", help="figures: rate,ws,bulk")
     args = parser.parse_args(argv)
     if not (args.base / "tunneld" / "__init__.py").exists():
         parser.error(f"{args.base} holds no tunneld package")

@@ -223,3 +223,76 @@ async def test_max_bytes_must_be_positive() -> None:
     async with pair() as (_, b):
         with pytest.raises(ValueError):
             await b.receive_some(0)
+
+
+class _CountingSocket(socket.socket):
+    """Counts recv() calls, the ones that find nothing (EAGAIN) included."""
+
+    recvs = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.recvs += 1
+        return super().recv(bufsize, flags)
+
+
+@asynccontextmanager
+async def counted_pair() -> AsyncIterator[tuple[RawSocketStream, RawSocketStream, _CountingSocket]]:
+    """Like pair(), with b's socket counting its recv() calls."""
+    async with pair() as (a, b):
+        sock = _CountingSocket(fileno=b.socket.detach())
+        counted = RawSocketStream(sock)
+        try:
+            yield a, counted, sock
+        finally:
+            await counted.aclose()
+
+
+async def test_after_a_short_read_the_next_one_waits_without_a_failed_recv() -> None:
+    # A splice reads the same side again at once: the socket is empty, so trying recv()
+    # first would only cost a syscall and an EAGAIN exception per message.
+    async with counted_pair() as (a, b, sock):
+        await a.send_all(b"one")
+        with trio.fail_after(TIMEOUT):
+            assert await b.receive_some(100) == b"one"  # short: the socket is drained
+            assert sock.recvs == 1
+            async with trio.open_nursery() as nursery:
+                got: list[bytes] = []
+
+                async def receive() -> None:
+                    got.append(await b.receive_some(100))
+
+                nursery.start_soon(receive)
+                await trio.testing.wait_all_tasks_blocked()
+                assert sock.recvs == 1  # waiting, with no recv() tried
+                await a.send_all(b"two")
+            assert got == [b"two"] and sock.recvs == 2
+
+
+async def test_after_a_send_the_answer_is_read_at_once() -> None:
+    # A request/response exchange: the answer is usually there by the next read, and
+    # it comes back with no scheduler pass, short read before or not.
+    async with counted_pair() as (a, b, _):
+        await a.send_all(b"hello")
+        with trio.fail_after(TIMEOUT):
+            assert await b.receive_some(100) == b"hello"  # short
+            await b.send_all(b"request")
+            assert await receive_exactly(a, 7) == b"request"
+            await a.send_all(b"answer")
+            await trio.lowlevel.wait_readable(b.socket)
+        received: list[bytes] = []
+
+        async def receive() -> None:
+            received.append(await b.receive_some(100))
+
+        assert await counted_steps(receive) == 0
+        assert received == [b"answer"]
+
+
+async def test_a_read_after_close_is_refused_even_when_drained() -> None:
+    async with pair() as (a, b):
+        await a.send_all(b"short")
+        with trio.fail_after(TIMEOUT):
+            assert await b.receive_some(100) == b"short"
+        await b.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await b.receive_some(100)

@@ -44,6 +44,11 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._unyielded = 0  # bytes moved since this stream last made a scheduler pass
+        # The last read was short and nothing was sent since, so the socket is most likely
+        # still empty (a splice reading the same side again): the next read waits first
+        # instead of trying recv() for an EAGAIN, a syscall and an exception. A send may
+        # bring an answer, so it clears this (a request/response exchange reads at once).
+        self._drained = False
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
         return trio.BrokenResourceError(str(exc) or type(exc).__name__)
@@ -62,18 +67,25 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             raise ValueError("max_bytes must be >= 1")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            size = max_bytes or RECEIVE_SIZE
+            if self._drained and not self._closed:
+                self._drained = False
+                await trio.lowlevel.wait_readable(self.socket)
+                self._unyielded = 0
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket already closed")
                 try:
-                    data = self.socket.recv(max_bytes or RECEIVE_SIZE)
+                    data = self.socket.recv(size)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.socket)
                     self._unyielded = 0
                     continue
                 except OSError as exc:
                     raise self._broken(exc) from exc
+                self._drained = 0 < len(data) < size
                 await self._moved(len(data))
                 return data
         finally:
@@ -88,9 +100,11 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         try:
             data = self.socket.recv(max_bytes)
         except BlockingIOError:
+            self._drained = True
             return None
         except OSError as exc:
             raise self._broken(exc) from exc
+        self._drained = 0 < len(data) < max_bytes
         self._unyielded += len(data)  # the next async call makes up for it if need be
         return data
 
@@ -98,6 +112,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this socket")
         self._sending = True
+        self._drained = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
