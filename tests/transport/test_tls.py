@@ -298,7 +298,9 @@ async def test_transport_eof_without_close_notify_is_broken(
         assert await server.receive_some() == b"partial"
         exc = await expect_broken(server.receive_some)
     assert isinstance(exc.__cause__, ssl.SSLError)
-    await expect_broken(server.receive_some)  # and it stays broken
+    later = await expect_broken(server.receive_some)  # and it stays broken, saying why
+    assert isinstance(later.__cause__, ssl.SSLError)
+    assert str(later.__cause__) == str(exc.__cause__)
     await expect_broken(lambda: server.send_all(b"x"))
 
 
@@ -606,3 +608,22 @@ async def test_a_broken_stream_is_freed_without_the_cycle_collector(
     finally:
         if enabled:
             gc.enable()
+
+
+def test_the_kept_error_says_why_without_holding_frames() -> None:
+    from tunneld.transport.tls import _kept
+
+    def raised(exc: BaseException, cause: BaseException | None = None) -> BaseException:
+        try:
+            raise exc from cause
+        except BaseException as caught:  # noqa: BLE001 - any exception, as TLSStream keeps
+            return caught
+
+    error = raised(trio.BrokenResourceError("reset"), raised(ConnectionResetError(104, "peer")))
+    kept = _kept(error)
+    assert type(kept) is trio.BrokenResourceError and str(kept) == "reset"
+    assert kept.__traceback__ is None and error.__traceback__ is not None
+    assert isinstance(kept.__cause__, ConnectionResetError) and kept.__cause__.errno == 104
+    assert kept.__cause__.__traceback__ is None
+    group = _kept(raised(ExceptionGroup("both", [OSError("a"), OSError("b")])))
+    assert isinstance(group, trio.BrokenResourceError) and "both" in str(group)

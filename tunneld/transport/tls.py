@@ -247,14 +247,22 @@ class TLSStream(trio.abc.Stream):
             await self.transport_stream.aclose()
 
 
-def _kept(exc: BaseException) -> BaseException:
+def _kept(exc: BaseException, depth: int = 0) -> BaseException:
     """`exc` without its traceback, to keep as the reason the stream broke. The
     traceback's frames refer back to the stream, and that cycle held every broken stream
     (its SSL object and buffers) until a full collection: most clients vanish without
-    close_notify, so under load that was a long pause every few seconds."""
-    try:
-        kept = copy.copy(exc)
-    except Exception:  # noqa: BLE001 - trio.Cancelled, say, has no public constructor
-        kept = trio.BrokenResourceError(str(exc) or type(exc).__name__)
+    close_notify, so under load that was a long pause every few seconds. Its causes are
+    kept the same way (a few deep), so a later error still says what happened."""
+    kept: BaseException
+    if isinstance(exc, BaseExceptionGroup):  # a shallow copy would keep its members' frames
+        kept = trio.BrokenResourceError(str(exc))
+    else:
+        try:
+            kept = copy.copy(exc)
+        except Exception:  # noqa: BLE001 - trio.Cancelled, say, has no public constructor
+            kept = trio.BrokenResourceError(str(exc) or type(exc).__name__)
     kept.__traceback__ = None
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and depth < 3:
+        kept.__cause__ = _kept(cause, depth + 1)
     return kept
