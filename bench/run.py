@@ -311,7 +311,9 @@ def measure_ws(world: World, clients: Clients, sampler: CpuSampler, s: Settings)
         out[f"{key}_mps"] = round(r["rate"], 1)
         out[f"{key}_messages"] = r["messages"]
         out[f"{key}_p50_ms"] = round(r["p50_ms"], 2)
+        out[f"{key}_p90_ms"] = round(r["p90_ms"], 2)
         out[f"{key}_p99_ms"] = round(r["p99_ms"], 2)
+        out[f"{key}_p999_ms"] = round(r["p999_ms"], 2)
         out[f"{key}_max_ms"] = round(r["max_ms"], 2)
         out[f"{key}_errors"] = r["errors"]
         out[f"{key}_unclean_closes"] = r["unclean_closes"]
@@ -543,9 +545,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIGURES",
         help=f"comma-separated subset of {','.join(FIGURES)} (default: all)",
     )
+    parser.add_argument(
+        "--ws-conns",
+        type=int,
+        metavar="N",
+        help=f"WebSocket connections in flight (default {FULL.ws_conns}; the target is set at 10)",
+    )
     args = parser.parse_args(argv)
     only: tuple[str, ...] = args.only
     s = QUICK if args.quick else FULL
+    if args.ws_conns is not None:
+        if args.ws_conns < 1:
+            parser.error("--ws-conns must be at least 1")
+        s = dataclasses.replace(s, ws_conns=args.ws_conns)
     raise_nofile()
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
