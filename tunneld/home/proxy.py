@@ -53,7 +53,10 @@ from tunneld.home.http1 import (
 from tunneld.home.upstream import UpstreamConnection, UpstreamError, UpstreamPool
 from tunneld.home.watchdog import Watchdog
 from tunneld.netaddr import normalize_ip
+from tunneld.transport.rawsock import RawSocketStream
+from tunneld.transport.session import MuxStream
 from tunneld.transport.splice import STREAM_ERRORS, splice
+from tunneld.transport.tls import TLSStream
 from tunneld.wire.events import ResetCode
 
 __all__ = ["Proxy"]
@@ -427,12 +430,30 @@ class _ClientConnection:
         except STREAM_ERRORS:
             await up.abort()
             raise _End(ResetCode.CANCEL) from None
-        clean = await splice(self.client, up.stream)
+        sink = _pass_through(self.client, up.stream)
+        try:
+            clean = await splice(self.client, up.stream)
+        finally:
+            if sink is not None:
+                sink.deliver_to(None)
         if clean:
             await up.aclose()
             raise _End(None)
         await up.abort()
         raise _End(ResetCode.CANCEL)
+
+
+def _pass_through(client: trio.abc.Stream, upstream: trio.abc.Stream) -> MuxStream | None:
+    """For an upgraded connection (a WebSocket, most often), let the session reader
+    decrypt the client's bytes and write them to a plain upstream socket itself while
+    the splice waits: no task switch per message. Returns the MuxStream to undo it on."""
+    if not (isinstance(client, TLSStream) and isinstance(upstream, RawSocketStream)):
+        return None
+    mux = client.transport_stream
+    if not isinstance(mux, MuxStream):
+        return None
+    mux.deliver_to(client.pass_through(upstream.socket.send))
+    return mux
 
 
 @dataclass(frozen=True, slots=True)

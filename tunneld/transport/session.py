@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import trio_websocket
@@ -56,6 +55,13 @@ class SessionStatistics:
     going_away: bool
 
 
+class Sink(Protocol):
+    """Where `MuxStream.deliver_to` hands data: a non-blocking socket's `send` contract
+    (bytes taken, or OSError such as BlockingIOError when it takes none)."""
+
+    def send(self, data: bytes, /) -> int: ...
+
+
 class MuxStream(trio.abc.HalfCloseableStream):
     """One client connection carried by the session (a trio HalfCloseableStream).
 
@@ -80,15 +86,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_conflict = False
         self._recv_conflict = False
         self._receiver_parked = False  # a receive_some waits, with nothing in hand
-        self._sink: socket.socket | None = None  # see deliver_to
+        self._sink: Sink | None = None  # see deliver_to
 
-    def deliver_to(self, sink: socket.socket | None) -> None:
-        """Write received data straight into `sink` while the consumer waits with
-        nothing buffered: the relay's client then gets its bytes without a task
-        switch. Whatever the socket does not take at once is buffered for
-        `receive_some` as usual, so order is kept. `sink` must be non-blocking (the
-        session reader never waits on it); the consumer must be its only writer and
-        write only what it received from this stream."""
+    def deliver_to(self, sink: Sink | None) -> None:
+        """Hand received data straight to `sink` while the consumer waits with
+        nothing buffered: the relay's client socket then gets its bytes without a
+        task switch (and the daemon's TLS, `TLSStream.pass_through`). Whatever the
+        sink does not take at once is buffered for `receive_some` as usual, so order
+        is kept. `sink` must not block (the session reader never waits on it); the
+        consumer must be its only writer and write only what it received from this
+        stream."""
         self._sink = sink
 
     # -- fed by the session reader ------------------------------------------

@@ -23,8 +23,13 @@ from __future__ import annotations
 
 import copy
 import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from tunneld.transport.session import Sink
 
 __all__ = ["SESSION_RECEIVE", "TLSStream"]
 
@@ -64,6 +69,13 @@ class TLSStream(trio.abc.Stream):
         self._transport_busy = False  # a task is in transport_stream.send_all
         self._turns = trio.lowlevel.ParkingLot()
         self._delayed = b""  # a TLS 1.3 server's session tickets, sent with its first write
+        # pass_through: the receiver waits in the transport; bytes of the transport's
+        # that a pass-through already decrypted (the receiver drops them); the peer's
+        # close_notify or a TLS error a pass-through met (the receiver reports them).
+        self._filling = False
+        self._skip = 0
+        self._peer_closed = False
+        self._pending_error: ssl.SSLError | None = None
 
     # -- state ---------------------------------------------------------------
     def _check(self) -> None:
@@ -107,15 +119,23 @@ class TLSStream(trio.abc.Stream):
 
     async def _fill(self) -> None:
         """One read of the transport into the incoming BIO (EOF included)."""
+        self._filling = True
         try:
             data = await self.transport_stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, OSError) as exc:
             self._broken = self._broken or _kept(exc)
             raise
+        finally:
+            self._filling = False
+        if not data:
+            self._incoming.write_eof()
+            return
+        if self._skip:  # a pass-through decrypted these already
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
         if data:
             self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
 
     async def _want_bytes(self) -> None:
         """OpenSSL needs more of the peer's bytes: send what it wrote first (it may be
@@ -172,18 +192,17 @@ class TLSStream(trio.abc.Stream):
         # RawSocketStream's comes by volume), and what it brought is worth a read().
         filled = False
         try:
-            if self._leftover:
-                await trio.lowlevel.checkpoint()
-                data, self._leftover = self._leftover, b""
-                return data
             incoming, tls = self._incoming, self._ssl
             while True:
+                if self._leftover or self._pending_error is not None:  # a pass-through's
+                    return await self._handed_over(max_bytes or RECEIVE_SIZE)
                 # Nothing to decrypt: read() would only raise SSLWantReadError, which
                 # costs as much as a small record's decryption. Read the transport first.
                 if not (filled or incoming.pending or incoming.eof or tls.pending()):
-                    await self._want_bytes()
-                    filled = True
-                    continue
+                    if not self._peer_closed:  # else read() returns b"" again
+                        await self._want_bytes()
+                        filled = True
+                        continue
                 try:
                     data = tls.read(max_bytes or RECEIVE_SIZE)
                 except ssl.SSLWantReadError:
@@ -205,6 +224,30 @@ class TLSStream(trio.abc.Stream):
                 return data
         finally:
             self._receiving = False
+
+    async def _handed_over(self, max_bytes: int) -> bytes:
+        """What a pass-through left for the receiver: plaintext it could not forward
+        (before anything else), then the TLS error it met."""
+        if self._outgoing.pending:  # a KeyUpdate answer, say
+            await self._flush()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._leftover:
+            data = self._leftover[:max_bytes]
+            self._leftover = self._leftover[max_bytes:]
+            return data
+        exc, self._pending_error = self._pending_error, None
+        assert exc is not None
+        raise self._fail(exc) from exc
+
+    def pass_through(self, forward: Callable[[bytes], int]) -> Sink:
+        """A sink for the transport's `deliver_to` (a `MuxStream`): while this stream's
+        receiver waits for the transport with nothing in hand, the session reader
+        decrypts what arrives and hands the plaintext to `forward` (a non-blocking
+        socket's `send`), with no task switch. Anything else (plaintext `forward` did
+        not take, the peer's close_notify, a TLS error, bytes OpenSSL must send) is
+        left to the receiver, in order: the next `receive_some` returns or raises it."""
+        return _PassThrough(self, forward)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -266,3 +309,54 @@ def _kept(exc: BaseException, depth: int = 0) -> BaseException:
     if cause is not None and depth < 3:
         kept.__cause__ = _kept(cause, depth + 1)
     return kept
+
+
+class _PassThrough:
+    """TLSStream.pass_through's sink; runs in the session reader (see there)."""
+
+    def __init__(self, tls: TLSStream, forward: Callable[[bytes], int]) -> None:
+        self._tls = tls
+        self._forward = forward
+
+    def send(self, data: bytes, /) -> int:
+        t = self._tls
+        if not (
+            t._filling
+            and t._handshook
+            and not (t._skip or t._leftover or t._peer_closed or t._closed)
+            and t._pending_error is None
+            and t._broken is None
+            and not t._incoming.pending
+            and not t._ssl.pending()
+        ):
+            raise BlockingIOError  # not in a state to do the receiver's work: it will
+        t._incoming.write(data)
+        queued = t._outgoing.pending  # a sender's, which it flushes itself
+        parts: list[bytes] = []
+        try:
+            while chunk := t._ssl.read(RECEIVE_SIZE):
+                parts.append(chunk)
+            t._peer_closed = True  # b"": close_notify
+        except ssl.SSLWantReadError:
+            pass  # all of it decrypted (or a partial record kept by OpenSSL)
+        except ssl.SSLZeroReturnError:
+            t._peer_closed = True
+        except ssl.SSLError as exc:
+            t._pending_error = exc
+        plain = b"".join(parts)
+        # Bytes OpenSSL wrote while reading (a KeyUpdate answer, an alert) go out
+        # through the receiver, as they would have.
+        clean = not (t._peer_closed or t._pending_error is not None or t._outgoing.pending > queued)
+        sent = 0
+        if plain and clean:
+            try:
+                sent = self._forward(plain)
+            except OSError:  # full, or broken: the receiver's own send finds out
+                sent = 0
+        if clean and sent == len(plain):
+            return len(data)
+        # The receiver takes over: it drops these transport bytes when they reach it,
+        # returns what is left of the plaintext, then meets the rest.
+        t._leftover = plain[sent:]
+        t._skip += len(data)
+        raise BlockingIOError
