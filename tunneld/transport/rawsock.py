@@ -117,6 +117,18 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
                 raise trio.ClosedResourceError("socket already closed")
+            if type(data) is bytes:  # the usual case: all of it in one send, no view
+                try:
+                    sent = self.socket.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise self._broken(exc) from exc
+                if sent == len(data):
+                    await self._moved(sent)
+                    return
+                self._unyielded += sent
+                data = memoryview(data)[sent:]
             with memoryview(data) as raw, raw.cast("B") as view:
                 sent, total, since_wait = 0, len(view), 0
                 while sent < total:

@@ -185,6 +185,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
             # caller's next receive (or a wait for credit below) is one. A pass here
             # cost a sixth of a small request's scheduling in the daemon.
             await trio.lowlevel.checkpoint_if_cancelled()
+            if type(data) is bytes and data:  # the usual case: one frame, no copy
+                self._check_sendable()
+                if len(data) <= self._session._conn.send_capacity(self.stream_id):
+                    self._session._send(ev.Data(self.stream_id, data))
+                    return
             view = memoryview(data).cast("B")
             while view:
                 self._check_sendable()
