@@ -302,7 +302,7 @@ async def test_deliver_to_writes_straight_into_the_socket_and_keeps_order() -> N
     with sink, peer, trio.fail_after(10):
         async with session_pair(home) as pair:
             stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
-            stream.deliver_to(sink)
+            stream.deliver_to(sink.send)
             await stream.send_all(b"hi")  # opens the stream at the home
             got: list[bytes] = []
 

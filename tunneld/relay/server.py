@@ -295,7 +295,7 @@ class Relay:
         # The socket used directly (rawsock.py): a small request's bytes cross here twice.
         client = raw_stream(tcp)
         clean = False
-        stream.deliver_to(client.socket)  # the home's bytes go out without a task switch
+        stream.deliver_to(client.socket.send)  # the home's bytes go out without a task switch
         try:
             await stream.send_all(first)
             clean = await splice(client, stream)

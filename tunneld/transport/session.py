@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 import trio_websocket
@@ -55,11 +55,9 @@ class SessionStatistics:
     going_away: bool
 
 
-class Sink(Protocol):
-    """Where `MuxStream.deliver_to` hands data: a non-blocking socket's `send` contract
-    (bytes taken, or OSError such as BlockingIOError when it takes none)."""
-
-    def send(self, data: bytes, /) -> int: ...
+# Where `MuxStream.deliver_to` hands data, with a non-blocking socket's `send`
+# contract: the bytes taken, or OSError (BlockingIOError) when it takes none.
+Sink = Callable[[bytes], int]
 
 
 class MuxStream(trio.abc.HalfCloseableStream):
@@ -106,7 +104,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         sink = self._sink
         if sink is not None and self._receiver_parked and not self._recv:
             try:
-                sent = sink.send(data)
+                sent = sink(data)
             except OSError:  # full (BlockingIOError) or broken: the consumer sees to it
                 sent = 0
             if sent:

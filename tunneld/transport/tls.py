@@ -7,7 +7,9 @@ small requests trio's SSLStream was about a fifth of the daemon's samples, crypt
 included; its generic retry loop (two locks, a checkpoint and a BIO round per
 call) is the part left out here. A read is
 `SSLObject.read` and, only when it wants bytes, one `receive_some` of the
-transport; a write is `SSLObject.write` and one `send_all`.
+transport; a write is `SSLObject.write` and one `send_all`. Over a `MuxStream`,
+`pass_through` lets the session reader do a waiting receiver's decryption and
+forwarding itself (an upgraded connection's bytes, with no task switch).
 
 Same contract as `trio.SSLStream` where the proxy relies on it: SSL errors and
 an EOF without close_notify raise `trio.BrokenResourceError` (cause kept); a
@@ -24,12 +26,9 @@ from __future__ import annotations
 import copy
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from functools import partial
 
 import trio
-
-if TYPE_CHECKING:
-    from tunneld.transport.session import Sink
 
 __all__ = ["SESSION_RECEIVE", "TLSStream"]
 
@@ -240,14 +239,58 @@ class TLSStream(trio.abc.Stream):
         assert exc is not None
         raise self._fail(exc) from exc
 
-    def pass_through(self, forward: Callable[[bytes], int]) -> Sink:
+    def pass_through(self, forward: Callable[[bytes], int]) -> Callable[[bytes], int]:
         """A sink for the transport's `deliver_to` (a `MuxStream`): while this stream's
         receiver waits for the transport with nothing in hand, the session reader
         decrypts what arrives and hands the plaintext to `forward` (a non-blocking
         socket's `send`), with no task switch. Anything else (plaintext `forward` did
         not take, the peer's close_notify, a TLS error, bytes OpenSSL must send) is
         left to the receiver, in order: the next `receive_some` returns or raises it."""
-        return _PassThrough(self, forward)
+        return partial(self._pass, forward)
+
+    def _pass(self, forward: Callable[[bytes], int], data: bytes) -> int:
+        if not (
+            self._filling
+            and self._handshook
+            and not (self._skip or self._leftover or self._peer_closed or self._closed)
+            and self._pending_error is None
+            and self._broken is None
+            and not self._incoming.pending
+            and not self._ssl.pending()
+        ):
+            raise BlockingIOError  # not in a state to do the receiver's work: it will
+        self._incoming.write(data)
+        queued = self._outgoing.pending  # a sender's, which it flushes itself
+        parts: list[bytes] = []
+        try:
+            while chunk := self._ssl.read(RECEIVE_SIZE):
+                parts.append(chunk)
+            self._peer_closed = True  # b"": close_notify
+        except ssl.SSLWantReadError:
+            pass  # all of it decrypted (or a partial record kept by OpenSSL)
+        except ssl.SSLZeroReturnError:
+            self._peer_closed = True
+        except ssl.SSLError as exc:
+            self._pending_error = exc
+        plain = b"".join(parts)
+        # Bytes OpenSSL wrote while reading (a KeyUpdate answer, an alert) go out
+        # through the receiver, as they would have.
+        clean = not (
+            self._peer_closed or self._pending_error is not None or self._outgoing.pending > queued
+        )
+        sent = 0
+        if plain and clean:
+            try:
+                sent = forward(plain)
+            except OSError:  # full, or broken: the receiver's own send finds out
+                sent = 0
+        if clean and sent == len(plain):
+            return len(data)
+        # The receiver takes over: it drops these transport bytes when they reach it,
+        # returns what is left of the plaintext, then meets the rest.
+        self._leftover = plain[sent:]
+        self._skip += len(data)
+        raise BlockingIOError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -309,54 +352,3 @@ def _kept(exc: BaseException, depth: int = 0) -> BaseException:
     if cause is not None and depth < 3:
         kept.__cause__ = _kept(cause, depth + 1)
     return kept
-
-
-class _PassThrough:
-    """TLSStream.pass_through's sink; runs in the session reader (see there)."""
-
-    def __init__(self, tls: TLSStream, forward: Callable[[bytes], int]) -> None:
-        self._tls = tls
-        self._forward = forward
-
-    def send(self, data: bytes, /) -> int:
-        t = self._tls
-        if not (
-            t._filling
-            and t._handshook
-            and not (t._skip or t._leftover or t._peer_closed or t._closed)
-            and t._pending_error is None
-            and t._broken is None
-            and not t._incoming.pending
-            and not t._ssl.pending()
-        ):
-            raise BlockingIOError  # not in a state to do the receiver's work: it will
-        t._incoming.write(data)
-        queued = t._outgoing.pending  # a sender's, which it flushes itself
-        parts: list[bytes] = []
-        try:
-            while chunk := t._ssl.read(RECEIVE_SIZE):
-                parts.append(chunk)
-            t._peer_closed = True  # b"": close_notify
-        except ssl.SSLWantReadError:
-            pass  # all of it decrypted (or a partial record kept by OpenSSL)
-        except ssl.SSLZeroReturnError:
-            t._peer_closed = True
-        except ssl.SSLError as exc:
-            t._pending_error = exc
-        plain = b"".join(parts)
-        # Bytes OpenSSL wrote while reading (a KeyUpdate answer, an alert) go out
-        # through the receiver, as they would have.
-        clean = not (t._peer_closed or t._pending_error is not None or t._outgoing.pending > queued)
-        sent = 0
-        if plain and clean:
-            try:
-                sent = self._forward(plain)
-            except OSError:  # full, or broken: the receiver's own send finds out
-                sent = 0
-        if clean and sent == len(plain):
-            return len(data)
-        # The receiver takes over: it drops these transport bytes when they reach it,
-        # returns what is left of the plaintext, then meets the rest.
-        t._leftover = plain[sent:]
-        t._skip += len(data)
-        raise BlockingIOError
