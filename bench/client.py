@@ -9,6 +9,7 @@ the measured window is part of every result.
 
 from __future__ import annotations
 
+import array
 import base64
 import hashlib
 import json
@@ -308,6 +309,7 @@ def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
             c.sock.close()
     if not latencies:
         raise BenchError("no response completed in the measured window")
+    _save_latencies(spec, latencies)
     return {
         "conns": conns_n,
         "requests": len(latencies),
@@ -315,6 +317,12 @@ def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
         "errors": errors,
         "cipher": cipher[0] if cipher else None,
     }
+
+
+def _save_latencies(spec: dict[str, Any], latencies: list[float]) -> None:
+    """Every latency to `latency_file` (doubles), for percentiles over several runs."""
+    if spec.get("latency_file"):
+        Path(spec["latency_file"]).write_bytes(array.array("d", latencies).tobytes())
 
 
 def _closed_loop_figures(
@@ -574,6 +582,7 @@ def run_ws(spec: dict[str, Any]) -> dict[str, Any]:
             c.sock.close()
     if not latencies:
         raise BenchError("no round trip completed in the measured window")
+    _save_latencies(spec, latencies)
     return {
         "conns": conns_n,
         "size": size,
