@@ -23,14 +23,14 @@ from typing import Any
 from bench.run import REPO, Clients, sanity
 from bench.world import CpuSampler, World, raise_nofile
 
+MIB = 1024 * 1024
 SPECS: dict[str, dict[str, Any]] = {
     "rate": {"mode": "rate", "conns": 50, "warmup": 0.5, "path": "/small"},
     "ws": {"mode": "ws", "conns": 10, "size": 64, "warmup": 0.5, "path": "/ws/echo"},
     # Repeated 16 MiB GETs on one connection for the round's seconds; an "op" is a MiB.
-    "bulk": {"mode": "download", "size": 16 * 1024 * 1024},
+    "bulk": {"mode": "download", "size": 16 * MIB},
 }
 COLUMNS = ("ops/s", "p99 ms", "home ms/op", "relay ms/op", "app ms/op", "cores busy")
-MIB = 1024 * 1024
 
 
 def measure(

@@ -17,14 +17,18 @@ import sys
 import time
 
 MESSAGE = b"x" * 64
+TIMEOUT = 10.0  # seconds any one wait may take: a dead peer ends the run with an error
 
 
 def _echo(port: int, cpu: int, rounds: int) -> None:
     os.sched_setaffinity(0, {cpu})
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(rounds):
-            sock.sendall(sock.recv(4096))
+            data = sock.recv(4096)
+            if not data:
+                return
+            sock.sendall(data)
 
 
 def measure(cpus: tuple[int, int], rounds: int) -> dict[str, float]:
@@ -32,6 +36,7 @@ def measure(cpus: tuple[int, int], rounds: int) -> dict[str, float]:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        listener.settimeout(TIMEOUT)
         port = listener.getsockname()[1]
         pid = os.fork()
         if pid == 0:  # the echo side
@@ -42,6 +47,7 @@ def measure(cpus: tuple[int, int], rounds: int) -> dict[str, float]:
         os.sched_setaffinity(0, {cpus[0]})
         conn, _ = listener.accept()
     with conn:
+        conn.settimeout(TIMEOUT)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_cpu = 0.0
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -51,7 +57,10 @@ def measure(cpus: tuple[int, int], rounds: int) -> dict[str, float]:
             send_cpu += time.thread_time() - before
             got = 0
             while got < len(MESSAGE):
-                got += len(conn.recv(4096))
+                data = conn.recv(4096)
+                if not data:
+                    raise SystemExit("the echo process went away")
+                got += len(data)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     os.waitpid(pid, 0)
     return {
@@ -71,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         layouts.append(("two CPUs", (cpus[0], cpus[1])))
     print(f"{'layout':20}  {'round trip':>11}  {'CPU/round trip':>15}  {'CPU/send':>9}")
     for name, pair in layouts:
-        r = measure(pair, args.rounds)
+        try:
+            r = measure(pair, args.rounds)
+        except OSError as exc:  # a timeout included
+            print(f"bench.wakeup: {name}: {exc or type(exc).__name__}", file=sys.stderr)
+            return 1
         print(
             f"{name:20}  {r['round_trip_us']:8.1f} us  {r['cpu_per_round_trip_us']:12.1f} us"
             f"  {r['cpu_per_send_us']:6.1f} us"

@@ -430,12 +430,12 @@ class _ClientConnection:
         except STREAM_ERRORS:
             await up.abort()
             raise _End(ResetCode.CANCEL) from None
-        sink = _pass_through(self.client, up.stream)
+        mux = _pass_through(self.client, up.stream)
         try:
             clean = await splice(self.client, up.stream)
         finally:
-            if sink is not None:
-                sink.deliver_to(None)
+            if mux is not None:
+                mux.deliver_to(None)
         if clean:
             await up.aclose()
             raise _End(None)
