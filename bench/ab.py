@@ -12,16 +12,16 @@ drifts by a third between minutes, only such same-run comparisons show a 5% chan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import REPO, Clients, sanity
-from bench.world import CpuSampler, World, raise_nofile
+from bench.run import REPO, Clients, running
+from bench.world import CpuSampler, World
 
 MIB = 1024 * 1024
 SPECS: dict[str, dict[str, Any]] = {
@@ -58,27 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(figures) - set(SPECS)
     if unknown:
         parser.error(f"unknown figure(s): {', '.join(sorted(unknown))}")
-    raise_nofile()
     worlds: dict[str, tuple[World, Clients, CpuSampler]] = {}
-    started: list[tuple[World, Clients]] = []
-    samplers: list[CpuSampler] = []
     rows: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     base = args.base.resolve()
     # `python -m tunneld` looks in the working directory first: run the worlds from
     # one without a tunneld package, so PYTHONPATH alone decides which code runs.
     os.chdir(tempfile.mkdtemp(prefix="tunneld-ab-"))
-    try:
+    with contextlib.ExitStack() as stack:
         for name, path in (("A", base), ("B", REPO)):
             os.environ["PYTHONPATH"] = str(path)
-            world = World(Path(tempfile.mkdtemp(prefix=f"tunneld-ab-{name}-")))
-            clients = Clients(world)
-            started.append((world, clients))
-            world.start_all()
-            sanity(world)
-            sampler = CpuSampler(world.pids())
-            sampler.start()
-            samplers.append(sampler)
-            worlds[name] = (world, clients, sampler)
+            worlds[name] = stack.enter_context(running("bench.ab", f"tunneld-ab-{name}-"))
         os.environ.pop("PYTHONPATH", None)
         for i in range(args.rounds):
             for figure in figures:
@@ -92,13 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             for name in "AB":
                 med = [statistics.median(col) for col in zip(*rows[(figure, name)], strict=True)]
                 print(f"{figure:4} {name} " + "  ".join(f"{v:8.3f}" for v in med))
-    finally:
-        for sampler in samplers:
-            sampler.stop()
-        for world, clients in started:
-            clients.stop_all()
-            world.stop_all()
-            shutil.rmtree(world.root, ignore_errors=True)
     return 0
 
 

@@ -15,20 +15,16 @@ of two (`python -m bench.wakeup` shows what a hop costs here).
 from __future__ import annotations
 
 import argparse
-import array
 import json
 import os
-import shutil
 import ssl
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench.run import Clients, sanity
-from bench.world import PY, CpuSampler, World, raise_nofile, wait_for
+from bench.run import TUNNEL_AND_DIRECT, Clients, Side, interleaved, running
+from bench.world import PY, CpuSampler, World, wait_for
 
 SIDES = ("floor", "tunnel", "direct")
 CHUNK = 64 * 1024
@@ -73,8 +69,8 @@ def serve(kind: str, port_file: Path, to_port: int, cert: str, key: str) -> None
     trio.run(_serve, port_file, to_port, tls)
 
 
-def start_floor(world: World) -> int:
-    """The floor's daemon (TLS with the direct side's certificate) and relay; its port."""
+def start_floor(world: World) -> None:
+    """The floor's daemon (TLS with the direct side's certificate), then its relay."""
     to_port = world.app_port
     for kind in ("tls", "raw"):
         port_file = world.root / f"floor-{kind}.port"
@@ -84,51 +80,31 @@ def start_floor(world: World) -> int:
         )
         wait_for(port_file.exists, 20, f"the floor's {kind} port file")
         to_port = int(port_file.read_text().strip())
-    return to_port
 
 
 # -- the measurement -------------------------------------------------------------------
 def measure(
-    world: World, clients: Clients, sampler: CpuSampler, floor_port: int, args: argparse.Namespace
+    world: World, clients: Clients, sampler: CpuSampler, args: argparse.Namespace
 ) -> dict[str, Any]:
+    floor_port = int((world.root / "floor-raw.port").read_text().strip())
+    sides = {
+        "floor": Side(False, ("floor-raw", "floor-tls", "app"), {"port": floor_port}),
+        **TUNNEL_AND_DIRECT,
+    }
     spec = {"mode": "ws", "conns": args.conns, "size": 64, "warmup": 0.5, "path": "/ws/echo"}
-    spec["duration"] = args.seconds / args.slices
-    timeout = float(spec["duration"]) + 120
-    procs = {
-        "floor": ("floor-raw", "floor-tls", "app"),
-        "tunnel": ("relay", "home", "app"),
-        "direct": ("direct",),
-    }
-    pooled: dict[str, list[float]] = {side: [] for side in SIDES}
-    walls = dict.fromkeys(SIDES, 0.0)
-    cpu: dict[str, dict[str, float]] = {
-        side: dict.fromkeys((*procs[side], "client"), 0.0) for side in SIDES
-    }
-    for i in range(args.slices):
-        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-            latency_file = world.root / f"latencies-{side}-{i}"
-            extra: dict[str, Any] = {"port": floor_port} if side == "floor" else {}
-            r = clients.run(
-                side == "tunnel", {**spec, **extra, "latency_file": str(latency_file)}, timeout
-            )
-            pooled[side] += array.array("d", latency_file.read_bytes())
-            latency_file.unlink()
-            if r["errors"]:
-                raise RuntimeError(f"{side}: {r['errors']} WebSocket connections failed")
-            walls[side] += r["seconds"]
-            for name, busy in sampler.seconds(r["t0"], r["t1"]).items():
-                if name in cpu[side]:
-                    cpu[side][name] += busy
-            cpu[side]["client"] += r["cpu"]  # CPU seconds of the client process
+    r = interleaved(world, clients, sampler, spec, args.seconds, args.slices, sides)
     out: dict[str, Any] = {"conns": args.conns, "seconds": args.seconds, "slices": args.slices}
-    for side in SIDES:
-        lat = sorted(pooled[side])
+    for side in sides:
+        if r[f"{side}_errors"]:
+            raise RuntimeError(f"{side}: {r[f'{side}_errors']} WebSocket connections failed")
+        rate = r[f"{side}_rate"]
         out[side] = {
-            "mps": round(len(lat) / walls[side], 1),
-            "p50_ms": round(1000 * lat[len(lat) // 2], 2),
-            "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
+            "mps": rate,
+            "p50_ms": r[f"{side}_p50_ms"],
+            "p99_ms": r[f"{side}_p99_ms"],
+            # CPU share (cores) over messages per second: CPU seconds per message.
             "cpu_ms_per_message": {
-                n: round(1000 * busy / len(lat), 3) for n, busy in cpu[side].items()
+                n: round(1000 * share / rate, 3) for n, share in r[f"{side}_cpu_share"].items()
             },
         }
     for side in ("floor", "tunnel"):
@@ -164,28 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.conns < 1 or args.slices < 1 or args.seconds <= 0:
         parser.error("--conns and --slices must be at least 1 and --seconds positive")
-    raise_nofile()
-    root = Path(tempfile.mkdtemp(prefix="tunneld-floor-"))
-    world = World(root)
-    clients = Clients(world)
-    sampler: CpuSampler | None = None
-    try:
-        world.start_all()
-        sanity(world)
-        floor_port = start_floor(world)
-        sampler = CpuSampler(world.pids())
-        sampler.start()
-        result = measure(world, clients, sampler, floor_port, args)
-        world.check_alive()
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        print(f"bench.floor failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        clients.stop_all()
-        world.stop_all()
-        shutil.rmtree(root, ignore_errors=True)
+    with running("bench.floor", "tunneld-floor-", setup=start_floor) as (world, clients, sampler):
+        result = measure(world, clients, sampler, args)
     result["loadavg"] = round(os.getloadavg()[0], 2)
     print(table(result))
     print("RESULT " + json.dumps(result, sort_keys=True), flush=True)

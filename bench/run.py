@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,44 @@ class Clients:
 # The measurements
 
 
+@contextlib.contextmanager
+def running(
+    what: str, prefix: str, *, keep: bool = False, setup: Callable[[World], None] | None = None
+) -> Iterator[tuple[World, Clients, CpuSampler]]:
+    """A started world whose paths answer correctly, its clients and a CPU sampler over
+    every process (`setup` may start more first). Everything is stopped on the way out,
+    and the work folder removed unless `keep`. A failure (a process gone, a wait timed
+    out) prints what failed and each process's log tail, and exits 1."""
+    raise_nofile()
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    world = World(root)
+    clients = Clients(world)
+    sampler: CpuSampler | None = None
+    try:
+        world.start_all()
+        sanity(world)
+        if setup is not None:
+            setup(world)
+        sampler = CpuSampler(world.pids())
+        sampler.start()
+        yield world, clients, sampler
+        world.check_alive()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"{what} failed: {exc}", file=sys.stderr)
+        for proc in world.procs.values():
+            print(f"--- {proc.name} log tail:\n{proc.log_tail(10)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        clients.stop_all()
+        world.stop_all()
+        if keep:
+            print(f"work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def sanity(world: World) -> None:
     """Both paths answer correctly before anything is timed."""
     n = 3 * MIB + 7
@@ -235,6 +275,21 @@ def measure_bulk(
     }
 
 
+@dataclass(frozen=True)
+class Side:
+    """One side of an interleaved figure: where its client goes and whose CPU it uses."""
+
+    tunnel: bool  # the tunnel's target, else the direct app's
+    procs: tuple[str, ...]  # the processes its CPU share is reported for
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. another port
+
+
+TUNNEL_AND_DIRECT = {
+    "tunnel": Side(True, ("relay", "home", "app")),
+    "direct": Side(False, ("direct",)),
+}
+
+
 def interleaved(
     world: World,
     clients: Clients,
@@ -242,9 +297,10 @@ def interleaved(
     spec: dict[str, Any],
     seconds: float,
     slices: int,
+    sides: dict[str, Side] = TUNNEL_AND_DIRECT,
 ) -> dict[str, Any]:
-    """A closed-loop figure through the tunnel and direct, in alternating slices (tunnel,
-    direct, direct, tunnel, ...) of `seconds` / `slices` each per side.
+    """A closed-loop figure on each side, in alternating slices (tunnel, direct, direct,
+    tunnel, ...: the sides in order, then reversed) of `seconds` / `slices` each per side.
 
     A noisy stretch of this shared machine then falls on both sides instead of on
     whichever ran during it: one sequential WebSocket run gave the direct side a p99 of
@@ -253,19 +309,20 @@ def interleaved(
     """
     spec = {**spec, "duration": seconds / slices}
     timeout = seconds / slices + float(spec["warmup"]) + 120
-    pooled: dict[str, list[float]] = {"tunnel": [], "direct": []}
-    runs: dict[str, list[dict[str, Any]]] = {"tunnel": [], "direct": []}
+    pooled: dict[str, list[float]] = {key: [] for key in sides}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in sides}
     for i in range(slices):
-        for tunnel in (True, False) if i % 2 == 0 else (False, True):
-            key = "tunnel" if tunnel else "direct"
+        for key in list(sides) if i % 2 == 0 else list(sides)[::-1]:
+            side = sides[key]
             latency_file = world.root / f"latencies-{key}-{i}"
-            r = clients.run(tunnel, {**spec, "latency_file": str(latency_file)}, timeout)
+            run_spec = {**spec, **side.spec, "latency_file": str(latency_file)}
+            r = clients.run(side.tunnel, run_spec, timeout)
             pooled[key] += array.array("d", latency_file.read_bytes())
             latency_file.unlink()
             r["share"] = sampler.share(r["t0"], r["t1"])
             runs[key].append(r)
     out: dict[str, Any] = {"seconds": seconds, "slices": slices}
-    for key, names in (("tunnel", ("relay", "home", "app")), ("direct", ("direct",))):
+    for key, side in sides.items():
         lat = sorted(pooled[key])
         wall = sum(r["seconds"] for r in runs[key])
         out[f"{key}_rate"] = round(len(lat) / wall, 1)
@@ -274,12 +331,13 @@ def interleaved(
             out[f"{key}_{name}_ms"] = round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)
         out[f"{key}_max_ms"] = round(1000 * lat[-1], 2)
         out[f"{key}_errors"] = sum(r["errors"] for r in runs[key])
-        share = {n: sum(r["share"][n] * r["seconds"] for r in runs[key]) / wall for n in names}
+        share = {n: sum(r["share"][n] * r["seconds"] for r in runs[key]) / wall for n in side.procs}
         share["client"] = sum(r["cpu"] for r in runs[key]) / wall
         out[f"{key}_cpu_share"] = {n: round(v, 2) for n, v in share.items()}
         out[f"{key}_runs"] = runs[key]
-    pairs = zip(runs["tunnel"], runs["direct"], strict=True)
-    out["slice_ratios"] = [round(t["p99_ms"] / d["p99_ms"], 2) for t, d in pairs]
+    if "tunnel" in sides and "direct" in sides:
+        pairs = zip(runs["tunnel"], runs["direct"], strict=True)
+        out["slice_ratios"] = [round(t["p99_ms"] / d["p99_ms"], 2) for t, d in pairs]
     return out
 
 
@@ -610,27 +668,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.ws_conns < 1:
             parser.error("--ws-conns must be at least 1")
         s = dataclasses.replace(s, ws_conns=args.ws_conns)
-    raise_nofile()
     started = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
-    world = World(root)
-    clients = Clients(world)
-    sampler: CpuSampler | None = None
     results: dict[str, Any] = {
         "quick": args.quick,
         "only": list(only),
         "cpus": os.cpu_count(),
         "loadavg_before": round(os.getloadavg()[0], 2),
     }
-    try:
-        world.start_all()
-        sanity(world)
-        sampler = CpuSampler(world.pids())
-        sampler.start()
 
-        def step(name: str) -> None:
-            print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
+    def step(name: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
 
+    with running("bench", "tunneld-bench-", keep=args.keep) as (world, clients, sampler):
         if "memory" in only:
             step("memory: idle streams")
             results["memory"] = measure_memory(world, clients, s)
@@ -649,21 +698,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             step("profile")
             results["profile"] = run_profile(world, clients, s, args.profile_dir)
-        world.check_alive()
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        for proc in world.procs.values():
-            print(f"--- {proc.name} log tail:\n{proc.log_tail(10)}", file=sys.stderr)
-        return 1
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        clients.stop_all()
-        world.stop_all()
-        if args.keep:
-            print(f"work folder kept: {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["loadavg_after"] = round(os.getloadavg()[0], 2)
     print(table(results))
