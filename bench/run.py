@@ -72,9 +72,10 @@ FULL = Settings(
     profile_seconds=8,
     perf_seconds=5,
     ws_conns=10,
-    # A p99 over 10 s ranged 0.87-3.18x direct between runs of the same code: the
-    # direct side's tail moves with the machine. 30 s in 12 slices per side keeps the
-    # ratio within 1.24-2.01x over nine runs (bench/RESULTS.md, stop 15).
+    # A p99 over 10 s ranged 0.87-3.18x direct between runs of the same code: both
+    # sides' tails move with the machine, the saturated direct app's most. 30 s in 12
+    # slices per side kept the ratio within 1.24-2.01x over nine runs (bench/RESULTS.md,
+    # stop 15).
     ws_seconds=30.0,
     ws_slices=12,
     ws_warmup=0.5,
