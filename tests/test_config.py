@@ -92,6 +92,8 @@ def test_relay_example_loads_with_documented_defaults() -> None:
     assert (relay.client_hello_timeout, relay.ping_interval, relay.drain_timeout) == (10, 20, 30)
     assert relay.max_streams_per_session == 1000
     assert relay.stream_window == 262144
+    # Windows grow to 16 MiB per stream, 64 MiB per session (tunneld/wire/flow.py).
+    assert (relay.max_stream_window, relay.session_buffer) == (16 << 20, 64 << 20)
     assert relay.max_connections_per_ip == 256
     for key, value in defaults(RelaySection).items():
         assert getattr(relay, key) == value, key
@@ -297,6 +299,28 @@ def test_missing_unreadable_and_bad_toml(tmp_path: Path) -> None:
         ("relay", "relay", 'listen = ["1.2.3.4:70000"]', "listen", "0-65535"),
         ("relay", "relay", "max_streams_per_session = '5'", "max_streams_per_session", "integer"),
         ("relay", "relay", "stream_window = 1024", "stream_window", "from 16384 to 16777216"),
+        (
+            "relay",
+            "relay",
+            "max_stream_window = 20000",
+            "max_stream_window",
+            "at least stream_window (262144), got 20000",
+        ),
+        (
+            "relay",
+            "relay",
+            "session_buffer = 1048576",
+            "session_buffer",
+            "at least max_stream_window (16777216), got 1048576",
+        ),
+        ("home", "daemon", "max_stream_window = 1e6", "max_stream_window", "integer"),
+        (
+            "home",
+            "daemon",
+            "stream_window = 1048576\nmax_stream_window = 524288",
+            "max_stream_window",
+            "at least stream_window (1048576)",
+        ),
         ("relay", "relay", "max_connections_per_ip = -1", "max_connections_per_ip", "at least 0"),
         ("relay", "relay", "certificate = ''", "certificate", "file path"),
         ("relay", "relay", "token_public_key = []", "token_public_key", "at least one"),

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -56,6 +56,11 @@ Listen = tuple[str, int]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_STREAM_WINDOW = 16 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
+# Receive-window tuning (tunneld/wire/flow.py): one stream may grow to 16 MiB (a
+# gigabit at 130 ms), and a session's windows together stay within 64 MiB.
+DEFAULT_MAX_STREAM_WINDOW = 16 * 1024 * 1024
+DEFAULT_SESSION_BUFFER = 64 * 1024 * 1024
+MAX_SESSION_BUFFER = 1 << 31
 SECRET_MASK = "***"
 
 # ---------------------------------------------------------------------------
@@ -214,7 +219,9 @@ class RelaySection:
     ping_interval: float = 20.0
     drain_timeout: float = 30.0
     max_streams_per_session: int = 1000
-    stream_window: int = 262144
+    stream_window: int = 262144  # each stream's initial receive window (WELCOME)
+    max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW  # how far tuning may grow one
+    session_buffer: int = DEFAULT_SESSION_BUFFER  # the sum of a session's windows
     max_connections_per_ip: int = 256
     raw_transport: bool = True  # allow the tunneld-raw.1 transport (frames without WS framing)
     connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
@@ -310,7 +317,9 @@ class DaemonSection:
     log_level: str = "info"
     metrics_listen: Listen | None = None
     max_streams: int = 1000
-    stream_window: int = 262144
+    stream_window: int = 262144  # each stream's initial receive window (HELLO)
+    max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW  # how far tuning may grow one
+    session_buffer: int = DEFAULT_SESSION_BUFFER  # the sum of a session's windows
 
 
 @dataclass(frozen=True)
@@ -649,6 +658,30 @@ def _table(ctx: _Ctx, data: Mapping[str, object], name: str) -> dict[str, object
     return raw
 
 
+_WINDOW_KEYS: Final[dict[str, Converter]] = {
+    "stream_window": _integer(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+    "max_stream_window": _integer(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+    "session_buffer": _integer(MIN_STREAM_WINDOW, MAX_SESSION_BUFFER),
+}
+
+
+def _check_windows(
+    ctx: _Ctx, table: str, values: dict[str, Any], cls: type[RelaySection | DaemonSection]
+) -> None:
+    """The initial window <= the most one stream may grow to <= the session's buffer."""
+    initial = values.get("stream_window", cls.stream_window)
+    most = values.get("max_stream_window", cls.max_stream_window)
+    budget = values.get("session_buffer", cls.session_buffer)
+    if most < initial:
+        raise ctx.error(
+            table, "max_stream_window", f"must be at least stream_window ({initial}), got {most}"
+        )
+    if budget < most:
+        raise ctx.error(
+            table, "session_buffer", f"must be at least max_stream_window ({most}), got {budget}"
+        )
+
+
 def _section(
     ctx: _Ctx,
     name: str,
@@ -794,13 +827,14 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "ping_interval": _duration(),
             "drain_timeout": _duration(),
             "max_streams_per_session": _integer(1),
-            "stream_window": _integer(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+            **_WINDOW_KEYS,
             "max_connections_per_ip": _integer(0),
             "connections_per_ip_per_second": _integer(0),
             "metrics_listen": _optional_listen,
             "raw_transport": _boolean,
         },
     )
+    _check_windows(ctx, "relay", values, RelaySection)
     return RelayConfig(path=Path(ctx.label).absolute(), relay=RelaySection(**values))
 
 
@@ -943,22 +977,22 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             },
         )
     )
-    daemon = DaemonSection(
-        **_section(
-            ctx,
-            "daemon",
-            _table(ctx, data, "daemon"),
-            DaemonSection,
-            {
-                "state_directory": path,
-                "control_socket": path,
-                "log_level": _choice(LOG_LEVELS, fold_case=True),
-                "metrics_listen": _optional_listen,
-                "max_streams": _integer(1),
-                "stream_window": _integer(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
-            },
-        )
+    daemon_values = _section(
+        ctx,
+        "daemon",
+        _table(ctx, data, "daemon"),
+        DaemonSection,
+        {
+            "state_directory": path,
+            "control_socket": path,
+            "log_level": _choice(LOG_LEVELS, fold_case=True),
+            "metrics_listen": _optional_listen,
+            "max_streams": _integer(1),
+            **_WINDOW_KEYS,
+        },
     )
+    _check_windows(ctx, "daemon", daemon_values, DaemonSection)
+    daemon = DaemonSection(**daemon_values)
     return HomeConfig(
         path=Path(ctx.label).absolute(),
         relay=relay,

@@ -152,7 +152,18 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
         "log_level": 'One of "debug", "info", "warning", "error".',
         "metrics_listen": 'Prometheus metrics listener, e.g. "127.0.0.1:9464"; "" = off.',
         "max_streams": "Most concurrent streams on the relay session.",
-        "stream_window": "Per-stream flow-control window in bytes (16384 to 16777216).",
+        "stream_window": (
+            "Each stream's initial receive window in bytes (16384 to 16777216),"
+            " sent in the handshake."
+        ),
+        "max_stream_window": (
+            "How far window tuning may grow one stream's window, in bytes"
+            " (16384 to 16777216; = stream_window turns tuning off)."
+        ),
+        "session_buffer": (
+            "The most all of one session's stream windows add up to, in bytes"
+            " (at least max_stream_window)."
+        ),
     },
 }
 
@@ -186,7 +197,18 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
         "ping_interval": "Ping interval the relay asks daemons to use (sent in WELCOME).",
         "drain_timeout": "On shutdown, how long open streams may finish before they are cut.",
         "max_streams_per_session": "Most concurrent streams on one home session.",
-        "stream_window": "Per-stream flow-control window in bytes (16384 to 16777216).",
+        "stream_window": (
+            "Each stream's initial receive window in bytes (16384 to 16777216),"
+            " sent in the handshake."
+        ),
+        "max_stream_window": (
+            "How far window tuning may grow one stream's window, in bytes"
+            " (16384 to 16777216; = stream_window turns tuning off)."
+        ),
+        "session_buffer": (
+            "The most all of one session's stream windows add up to, in bytes"
+            " (at least max_stream_window)."
+        ),
         "max_connections_per_ip": (
             "Most concurrent client connections from one source IP (0 = unlimited)."
         ),

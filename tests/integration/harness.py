@@ -472,12 +472,14 @@ class RawSession:
     """A session driven frame by frame from a test, after the real handshake.
 
     Behaves like a daemon only as far as a test tells it to: nothing is sent
-    unless the test sends it (no PONGs, no WINDOWs).
+    unless the test sends it (no PONGs, no WINDOWs). The relay's own PINGs (it
+    measures the path for window tuning) are kept aside in `pings`, not returned.
     """
 
     sock: ssl.SSLSocket
     welcome: Any  # tunneld.wire.events.Welcome
     decoder: Any  # tunneld.wire.frames.FrameDecoder
+    pings: list[Any] = field(default_factory=list)
 
     def send(self, *events: Any) -> None:
         from tunneld.wire.frames import encode
@@ -489,8 +491,13 @@ class RawSession:
 
     def next_event(self, timeout: float = 10) -> Any:
         """The relay's next frame as an event; None when the relay ended the connection."""
+        from tunneld.wire.events import Ping
+
         deadline = time.monotonic() + timeout
-        while (event := self.decoder.next_event()) is None:
+        while (event := self.decoder.next_event()) is None or isinstance(event, Ping):
+            if event is not None:
+                self.pings.append(event)
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no frame from the relay within {timeout}s")

@@ -19,7 +19,14 @@ import trio
 import trio.testing
 import trio_websocket
 
-from tunneld.transport.session import PING_BURST, PING_RATE, PONG_BACKLOG, MuxSession, MuxStream
+from tunneld.transport.session import (
+    PING_BURST,
+    PING_RATE,
+    PONG_BACKLOG,
+    MuxSession,
+    MuxStream,
+    tuned_connection,
+)
 from tunneld.wire import events as ev
 from tunneld.wire.frames import decode, encode
 from tunneld.wire.mux import Connection, Role
@@ -75,11 +82,22 @@ class Pair:
 Handler = Callable[[MuxStream], Awaitable[None]]
 
 
+def connection(role: Role, window: int, tuned: bool) -> Connection:
+    if not tuned:  # also what a peer from before window tuning runs
+        return Connection(role, window=window)
+    return tuned_connection(
+        role, window=window, max_window=64 * window, budget=256 * window, max_streams=1000
+    )
+
+
 @asynccontextmanager
-async def session_pair(handler: Handler, window: int = 64 * 1024) -> AsyncIterator[Pair]:
+async def session_pair(
+    handler: Handler, window: int = 64 * 1024, tuned: tuple[bool, bool] = (False, False)
+) -> AsyncIterator[Pair]:
+    """`tuned`: whether the relay's and the home's windows follow their delivery rate."""
     relay_ws, home_ws = ws_pair()
-    relay = MuxSession(relay_ws, Connection(Role.RELAY, window=window), session_id="r")
-    home = MuxSession(home_ws, Connection(Role.HOME, window=window), on_open=handler)
+    relay = MuxSession(relay_ws, connection(Role.RELAY, window, tuned[0]), session_id="r")
+    home = MuxSession(home_ws, connection(Role.HOME, window, tuned[1]), on_open=handler)
     await home.send_now(
         ev.Hello(version="test", hostnames=("h.test",), window=window, max_streams=1000)
     )
@@ -131,6 +149,39 @@ async def test_echo_with_half_close_and_flow_control() -> None:
             with trio.fail_after(5):
                 await pair.home.idle.wait()
                 await pair.relay.idle.wait()
+
+
+@pytest.mark.parametrize(
+    "tuned", [(True, True), (True, False), (False, True)], ids=["both", "relay", "home"]
+)
+async def test_tuned_windows_work_with_a_peer_that_keeps_them_static(
+    tuned: tuple[bool, bool],
+) -> None:
+    # A relay or daemon from before window tuning grants static windows and never
+    # sends PINGs of its own; either end may tune, the other need not know.
+    payload = os.urandom(4 * 1024 * 1024 + 3)
+    with trio.fail_after(30):
+        async with session_pair(echo, tuned=tuned) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
+            received = b""
+
+            async def reader() -> None:
+                nonlocal received
+                received = await read_all(stream)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await stream.send_all(payload)
+                await stream.send_eof()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            for session, on in zip((pair.relay, pair.home), tuned, strict=True):
+                stats = session._conn.tuner_statistics()
+                if not on:
+                    assert stats is None
+                    continue
+                assert stats is not None
+                assert stats.min_rtt is not None  # its own PINGs measured the path
+                assert stats.windows_total <= stats.budget
 
 
 async def test_open_carries_client_address() -> None:

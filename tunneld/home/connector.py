@@ -23,15 +23,16 @@ from tunneld.config import HomeConfig
 from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.home.bans import BanList
 from tunneld.transport.channel import ChannelClosed, open_channel
-from tunneld.transport.rawsock import raw_stream
+from tunneld.transport.rawsock import SESSION_UNSENT, raw_stream
 from tunneld.transport.session import (
     MuxSession,
     StreamHandler,
+    tuned_connection,
 )
 from tunneld.transport.splice import aclose_quietly
 from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
 from tunneld.wire import events as ev
-from tunneld.wire.mux import Connection, Role
+from tunneld.wire.mux import Role
 
 log = logging.getLogger("tunneld.connector")
 
@@ -232,7 +233,7 @@ class Connector:
         log.info("connecting to %s", self.cfg.url)
         timeout = self.cfg.connect_timeout
         with trio.fail_after(timeout):
-            tcp = raw_stream(await trio.open_tcp_stream(address, self._port))
+            tcp = raw_stream(await trio.open_tcp_stream(address, self._port), unsent=SESSION_UNSENT)
         stream: trio.abc.Stream = tcp
         try:
             if self._ssl is not None:
@@ -254,7 +255,13 @@ class Connector:
 
     async def _serve(self, ws: Any, outcome: SessionOutcome) -> None:
         daemon = self.config.daemon
-        conn = Connection(Role.HOME, window=daemon.stream_window, max_streams=daemon.max_streams)
+        conn = tuned_connection(
+            Role.HOME,
+            window=daemon.stream_window,
+            max_window=daemon.max_stream_window,
+            budget=daemon.session_buffer,
+            max_streams=daemon.max_streams,
+        )
         drain = outcome.drain
 
         def on_event(event: ev.Event) -> None:

@@ -57,9 +57,13 @@ def _needs_new_session(old: HomeConfig, new: HomeConfig) -> bool:
     return (
         (o.url, o.token, o.ca_file, o.connect_to) != (n.url, n.token, n.ca_file, n.connect_to)
         or old.tls.hostnames != new.tls.hostnames
-        or (old.daemon.stream_window, old.daemon.max_streams)
-        != (new.daemon.stream_window, new.daemon.max_streams)
+        or _session_limits(old) != _session_limits(new)
     )
+
+
+def _session_limits(config: HomeConfig) -> tuple[int, ...]:
+    d = config.daemon
+    return (d.stream_window, d.max_stream_window, d.session_buffer, d.max_streams)
 
 
 async def reload_daemon(daemon: Daemon) -> bool:

@@ -39,12 +39,13 @@ from tunneld.tokens import (
 )
 from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
 from tunneld.transport.prefixed import PrefixedStream
-from tunneld.transport.rawsock import raw_stream
+from tunneld.transport.rawsock import SESSION_UNSENT, raw_stream
 from tunneld.transport.session import (
     MAX_MESSAGE_SIZE,
     RECEIVE_BUFFER,
     MuxSession,
     MuxStream,
+    tuned_connection,
 )
 from tunneld.transport.splice import STREAM_ERRORS, abort_socket, aclose_quietly, splice
 from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
@@ -55,7 +56,7 @@ from tunneld.wire.clienthello import (
     parse_client_hello,
     unrecognized_name_alert,
 )
-from tunneld.wire.mux import Connection, Role
+from tunneld.wire.mux import Role
 
 log = logging.getLogger("tunneld.relay")
 
@@ -316,7 +317,11 @@ class Relay:
     async def _serve_own(self, tcp: trio.SocketStream, hello: bytes, ip: str) -> None:
         # A session carries every request of a home: its socket is used directly too.
         tls = TLSStream(
-            raw_stream(tcp), self._ssl, server_side=True, prefix=hello, receive_size=SESSION_RECEIVE
+            raw_stream(tcp, unsent=SESSION_UNSENT),
+            self._ssl,
+            server_side=True,
+            prefix=hello,
+            receive_size=SESSION_RECEIVE,
         )
         try:
             with trio.fail_after(self.cfg.client_hello_timeout):
@@ -421,9 +426,11 @@ class Relay:
     async def _run_session(
         self, ws: Any, claims: Claims, hostnames: tuple[str, ...], version: str, ip: str
     ) -> None:
-        conn = Connection(
+        conn = tuned_connection(
             Role.RELAY,
             window=self.cfg.stream_window,
+            max_window=self.cfg.max_stream_window,
+            budget=self.cfg.session_buffer,
             max_streams=self.cfg.max_streams_per_session,
         )
         session_id = secrets.token_hex(6)

@@ -1,18 +1,16 @@
 """A connected TCP socket as a trio stream, used directly.
 
 trio's `SocketStream` runs every call through a generic helper: an async
-context manager, a conflict detector and a scheduler pass after each call that
-did not wait. Under small requests and WebSocket messages those passes were
-most of the relay's and the daemon's socket time: a task that has just sent
-usually goes on to wait for something anyway. This stream keeps the contract
-the proxy and the session rely on and drops the rest:
+context manager and a conflict detector around each system call. This stream
+makes the system call itself and keeps trio's stream contract
+(`trio.testing.check_half_closeable_stream`, tests/transport/test_stream_contract.py):
 
-- a receive that finds bytes waiting returns them at once, and a send that
-  fits in the socket buffer returns at once; cancellation is still honoured
-  (`checkpoint_if_cancelled`);
-- fairness by volume instead of by call: after `FAIR_BYTES` moved without a
-  scheduler pass, the call makes one, so a flood on one socket (a session
-  carrying a bulk upload, say) still lets every other task run;
+- every call is a checkpoint: cancellation is checked first
+  (`checkpoint_if_cancelled`), and a call that did not wait makes one scheduler
+  pass before it returns, so a flood on one socket (a session carrying a bulk
+  upload, say) still lets every other task run;
+- a receive after a short read waits for the socket first instead of trying
+  recv() for an EAGAIN (a syscall and an exception);
 - OS errors are `trio.BrokenResourceError` (cause kept), use after close is
   `trio.ClosedResourceError`, two concurrent receives (or sends) are
   `trio.BusyResourceError`; `send_eof` half-closes, `aclose` wakes any waiter.
@@ -24,11 +22,16 @@ import socket
 
 import trio
 
-__all__ = ["FAIR_BYTES", "RawSocketStream", "raw_stream"]
+from tunneld.transport import contract
+
+__all__ = ["SESSION_UNSENT", "RawSocketStream", "raw_stream"]
 
 RECEIVE_SIZE = 64 * 1024
-# Bytes a stream may move without a scheduler pass: a few reads of a busy socket.
-FAIR_BYTES = 64 * 1024
+# Unsent bytes a session socket's kernel buffer may hold (TCP_NOTSENT_LOWAT). The
+# kernel grows a send buffer to megabytes on a long link, and whatever sits there
+# is first in, first out: a small answer queued behind a download's megabyte waits
+# for it. Kept short, the queue stays in the mux, which serves streams in turn.
+SESSION_UNSENT = 64 * 1024
 
 
 class RawSocketStream(trio.abc.HalfCloseableStream):
@@ -41,9 +44,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False
+        self._eof_sent = False
         self._receiving = False
         self._sending = False
-        self._unyielded = 0  # bytes moved since this stream last made a scheduler pass
         # The last read was short and nothing was sent since, so the socket is most likely
         # still empty (a splice reading the same side again): the next read waits first
         # instead of trying recv() for an EAGAIN, a syscall and an exception. A send may
@@ -53,25 +56,17 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
         return trio.BrokenResourceError(str(exc) or type(exc).__name__)
 
-    async def _moved(self, nbytes: int) -> None:
-        """Count bytes moved without waiting; pass to the scheduler past FAIR_BYTES."""
-        self._unyielded += nbytes
-        if self._unyielded > FAIR_BYTES:
-            self._unyielded = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this socket")
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        size = contract.receive_size(max_bytes, RECEIVE_SIZE)
         self._receiving = True
         try:
-            size = max_bytes or RECEIVE_SIZE
+            waited = False
             if self._drained and not self._closed:
                 self._drained = False
                 await trio.lowlevel.wait_readable(self.socket)
-                self._unyielded = 0
+                waited = True
             else:
                 await trio.lowlevel.checkpoint_if_cancelled()
             while True:
@@ -81,18 +76,20 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                     data = self.socket.recv(size)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.socket)
-                    self._unyielded = 0
+                    waited = True
                     continue
                 except OSError as exc:
                     raise self._broken(exc) from exc
                 self._drained = 0 < len(data) < size
-                await self._moved(len(data))
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         finally:
             self._receiving = False
 
     def receive_nowait(self, max_bytes: int = RECEIVE_SIZE) -> bytes | None:
-        """What the socket holds right now (b"" at EOF), or None when it is empty."""
+        """What the socket holds right now (b"" at EOF), or None when it is empty.
+        Not a checkpoint: the caller's next async call is."""
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this socket")
         if self._closed:
@@ -105,7 +102,6 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise self._broken(exc) from exc
         self._drained = 0 < len(data) < max_bytes
-        self._unyielded += len(data)  # the next async call makes up for it if need be
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -117,6 +113,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
                 raise trio.ClosedResourceError("socket already closed")
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof")
             if type(data) is bytes:  # the usual case: all of it in one send, no view
                 try:
                     sent = self.socket.send(data)
@@ -125,33 +123,45 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 except OSError as exc:
                     raise self._broken(exc) from exc
                 if sent == len(data):
-                    await self._moved(sent)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return
-                self._unyielded += sent
                 data = memoryview(data)[sent:]
+            waited = False
             with memoryview(data) as raw, raw.cast("B") as view:
-                sent, total, since_wait = 0, len(view), 0
+                sent, total = 0, len(view)
                 while sent < total:
                     try:
                         sent += self.socket.send(view[sent:])
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(self.socket)
-                        self._unyielded, since_wait = 0, sent
+                        waited = True
                     except OSError as exc:
                         raise self._broken(exc) from exc
-            await self._moved(total - since_wait)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this socket")
         if self._closed:
             raise trio.ClosedResourceError("socket already closed")
-        await trio.lowlevel.wait_writable(self.socket)
+        self._sending = True
+        try:
+            await trio.lowlevel.wait_writable(self.socket)
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this socket")
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise trio.ClosedResourceError("socket already closed")
+        if self._eof_sent:
+            return
+        self._eof_sent = True
         try:
             self.socket.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -165,6 +175,13 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-def raw_stream(stream: trio.SocketStream) -> RawSocketStream:
-    """The socket under a freshly connected `trio.SocketStream`, as a RawSocketStream."""
-    return RawSocketStream(socket.socket(fileno=stream.socket.detach()))
+def raw_stream(stream: trio.SocketStream, *, unsent: int | None = None) -> RawSocketStream:
+    """The socket under a freshly connected `trio.SocketStream`, as a RawSocketStream;
+    `unsent` caps the bytes its kernel send buffer holds unsent (TCP_NOTSENT_LOWAT)."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    if unsent is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent)
+        except (OSError, AttributeError):  # not Linux, or an old kernel: a longer queue
+            pass
+    return RawSocketStream(sock)

@@ -20,15 +20,19 @@ import trio
 import trio_websocket
 
 from tunneld.errors import ProtocolError, RemoteProtocolError
+from tunneld.transport import contract
 from tunneld.transport.channel import ChannelClosed
 from tunneld.wire import events as ev
-from tunneld.wire.mux import Connection
+from tunneld.wire.flow import WindowTuner
+from tunneld.wire.mux import Connection, Role
 
 log = logging.getLogger("tunneld.session")
 
+# A stream we closed drops what still arrives; past this many bytes, it is reset.
+LINGER_BYTES = 256 * 1024
 # Coalesce up to this many bytes of frames into one WebSocket message: big
 # messages amortise WebSocket framing and masking, the main per-byte cost.
-MESSAGE_BYTES = 256 * 1024
+MESSAGE_BYTES = 64 * 1024
 # The receive side must accept one coalesced message plus one maximal frame.
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 RECEIVE_BUFFER = 256 * 1024
@@ -41,6 +45,26 @@ PONG_BACKLOG = 1024
 PING_BURST = 64
 PING_RATE = 4.0
 GOAWAY_REASON = 200  # characters of a protocol error's text sent in GOAWAY
+MAX_PINGS = 16  # unanswered PINGs remembered
+# RTT probes for the window tuner (flow.py): a few right away, then a slow trickle.
+RTT_PROBES_AT_START = 3
+RTT_PROBE_START = 0.2
+RTT_PROBE_INTERVAL = 10.0
+RTT_PROBE_TIMEOUT = 30.0
+
+
+def tuned_connection(
+    role: Role, *, window: int, max_window: int, budget: int, max_streams: int
+) -> Connection:
+    """A session's mux whose stream windows follow their delivery rate (flow.py),
+    from `window` up to `max_window` each, `budget` for all; static when
+    `max_window` is `window`."""
+    if max_window <= window:
+        return Connection(role, window=window, max_streams=max_streams)
+    tuner = WindowTuner(initial=window, max_window=max_window, budget=budget)
+    return Connection(
+        role, window=window, max_streams=max_streams, tuner=tuner, clock=time.monotonic
+    )
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,15 @@ class SessionStatistics:
     bytes_out: int
     rtt: float | None  # seconds, last ping round trip (home side)
     going_away: bool
+
+
+class _Ping:
+    __slots__ = ("answered", "rtt", "sent")
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.rtt = 0.0
+        self.answered = trio.Event()
 
 
 # Where `MuxStream.deliver_to` hands data, with a non-blocking socket's `send`
@@ -80,6 +113,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error: str | None = None  # set when reset or session lost
         self._local_closed = False  # we sent EOF or RESET
         self._detached = False  # closed by us: drop incoming data
+        self._discarded = 0  # bytes dropped since
         self._lot = trio.lowlevel.ParkingLot()
         self._send_conflict = False
         self._recv_conflict = False
@@ -99,7 +133,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # -- fed by the session reader ------------------------------------------
     def _feed(self, data: bytes) -> None:
         if self._detached:
-            self._session._acknowledge(self.stream_id, len(data))
+            self._discard(len(data))
             return
         sink = self._sink
         if sink is not None and self._receiver_parked and not self._recv:
@@ -117,6 +151,19 @@ class MuxStream(trio.abc.HalfCloseableStream):
         else:
             self._recv += data
         self._lot.unpark_all()
+
+    def _discard(self, nbytes: int) -> None:
+        """Data for a stream we closed: dropped, as a closed socket drops it. Like a
+        server's lingering close, a peer that goes on sending a while (the rest of an
+        upload that was answered already) is not cut; one that goes on past
+        LINGER_BYTES, once all we sent has left, gets RESET: a socket's RST, so a
+        sender that never reads learns the stream is gone."""
+        self._discarded += nbytes
+        session = self._session
+        if self._discarded > LINGER_BYTES and not session._conn.output_pending(self.stream_id):
+            self.reset(ev.ResetCode.CANCEL)
+        else:
+            session._acknowledge(self.stream_id, nbytes)
 
     def _feed_eof(self) -> None:
         self._recv_eof = True
@@ -137,6 +184,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # -- trio.abc.Stream ------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = contract.receive_size(max_bytes, 0)
         if self._recv_conflict:
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._recv_conflict = True
@@ -150,6 +199,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.checkpoint()
                     yielded = True
                     continue
+                if self._detached:  # closed by us, whatever happened since
+                    raise trio.ClosedResourceError("stream was closed")
                 if self._recv:
                     if max_bytes is None or max_bytes >= len(self._recv):
                         data = bytes(self._recv)
@@ -163,8 +214,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(self._error)
                 if self._recv_eof:
                     return b""
-                if self._detached:
-                    raise trio.ClosedResourceError("stream was closed")
                 self._receiver_parked = True
                 try:
                     await self._lot.park()
@@ -179,43 +228,55 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is sending on this stream")
         self._send_conflict = True
         try:
-            # No scheduler pass of its own: queueing frames never blocks, and the
-            # caller's next receive (or a wait for credit below) is one. A pass here
-            # cost a sixth of a small request's scheduling in the daemon.
             await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_sendable()
             if type(data) is bytes and data:  # the usual case: one frame, no copy
-                self._check_sendable()
                 if len(data) <= self._session._conn.send_capacity(self.stream_id):
                     self._session._send(ev.Data(self.stream_id, data))
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return
+            waited = False
             view = memoryview(data).cast("B")
             while view:
                 self._check_sendable()
                 room = self._session._conn.send_capacity(self.stream_id)
                 if room <= 0:
                     await self._lot.park()
+                    waited = True
                     continue
                 chunk = view[:room]
                 self._session._send(ev.Data(self.stream_id, bytes(chunk)))
                 view = view[len(chunk) :]
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._send_conflict = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        while True:
-            self._check_sendable()
-            if self._session._conn.send_capacity(self.stream_id) > 0:
-                await trio.lowlevel.checkpoint()
-                return
-            await self._lot.park()
+        if self._send_conflict:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_conflict = True
+        try:
+            while True:
+                self._check_sendable()
+                if self._session._conn.send_capacity(self.stream_id) > 0:
+                    await trio.lowlevel.checkpoint()
+                    return
+                await self._lot.park()
+        finally:
+            self._send_conflict = False
 
     def _check_sendable(self) -> None:
+        if self._detached:
+            raise trio.ClosedResourceError("stream was closed")
         if self._error is not None:
             raise trio.BrokenResourceError(self._error)
         if self._local_closed:
             raise trio.ClosedResourceError("stream already half-closed or closed")
 
     async def send_eof(self) -> None:
+        if self._send_conflict:
+            raise trio.BusyResourceError("another task is sending on this stream")
         await trio.lowlevel.checkpoint()
         if self._error is not None:
             raise trio.BrokenResourceError(self._error)
@@ -241,11 +302,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         An abnormal end must call `reset()` instead, so the peer can never
         mistake a cut stream for a complete one.
         """
+        self._detached = True  # every later call is ClosedResourceError, as for a socket
         if self._error is None:
             if not self._local_closed:
                 self._local_closed = True
                 self._session._send_quietly(ev.Eof(self.stream_id))
-            self._detached = True
             if self._recv:
                 self._session._acknowledge(self.stream_id, len(self._recv))
             self._recv = None
@@ -291,8 +352,7 @@ class MuxSession:
         self.rtt: float | None = None
         self.going_away = False  # peer sent GOAWAY
         self.last_received = time.monotonic()
-        self._pings: dict[bytes, float] = {}
-        self._pong = trio.Event()
+        self._pings: dict[bytes, _Ping] = {}  # by payload, until answered
         self.idle = trio.Event()  # set whenever no stream is open
         self.idle.set()
         self.finished = trio.Event()  # set once run() has closed the WebSocket
@@ -325,6 +385,8 @@ class MuxSession:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
+                if self._conn.tuner_statistics() is not None:
+                    nursery.start_soon(self._probe_rtt)
                 if extra is not None:
                     extra(nursery)
                 await self._reader()
@@ -372,15 +434,30 @@ class MuxSession:
         self._send(event)
 
     async def ping(self) -> float:
-        """Send PING and wait for its PONG (the caller bounds the wait)."""
+        """Send PING and wait for its PONG (the caller bounds the wait); the RTT.
+
+        Every answered PING is also an RTT sample for the window tuner."""
         payload = os.urandom(8)
-        start = time.monotonic()
-        self._pings = {payload: start}
-        self._pong = trio.Event()
-        self._send(ev.Ping(payload))
-        await self._pong.wait()
-        self.rtt = time.monotonic() - start
-        return self.rtt
+        ping = _Ping(time.monotonic())
+        if len(self._pings) >= MAX_PINGS:  # unanswered ones, from waits that gave up
+            del self._pings[next(iter(self._pings))]
+        self._pings[payload] = ping
+        try:
+            self._send(ev.Ping(payload))
+            await ping.answered.wait()
+        finally:
+            self._pings.pop(payload, None)
+        return ping.rtt
+
+    async def _probe_rtt(self) -> None:
+        """PINGs that measure the path for the window tuner: a few at the start (the
+        minimum is what counts, and the first may queue behind the handshake's
+        frames), then one every RTT_PROBE_INTERVAL. Well under a peer's PING
+        allowance (PROTOCOL.md 8)."""
+        for i in range(1 << 62):  # bounded by the session's life
+            with trio.move_on_after(RTT_PROBE_TIMEOUT):
+                await self.ping()
+            await trio.sleep(RTT_PROBE_START if i < RTT_PROBES_AT_START else RTT_PROBE_INTERVAL)
 
     @property
     def streams_active(self) -> int:
@@ -540,9 +617,11 @@ class MuxSession:
             self._send(ev.Pong(event.payload))
             self._pong_backlog += 1
         elif isinstance(event, ev.Pong):
-            if event.payload in self._pings:
-                self._pings.clear()
-                self._pong.set()
+            ping = self._pings.pop(event.payload, None)
+            if ping is not None:
+                ping.rtt = self.rtt = time.monotonic() - ping.sent
+                self._conn.observe_rtt(ping.rtt)
+                ping.answered.set()
         else:
             if isinstance(event, ev.GoAway):
                 self.going_away = True

@@ -30,9 +30,12 @@ from functools import partial
 
 import trio
 
+from tunneld.transport import contract
+
 __all__ = ["SESSION_RECEIVE", "TLSStream"]
 
 RECEIVE_SIZE = 64 * 1024  # transport reads, unless `receive_size` says otherwise
+RECORD_HEADER = 5  # fewer bytes than this in the incoming BIO cannot be a record
 SESSION_RECEIVE = 256 * 1024  # a session's socket: big reads, few wakeups (DESIGN.md)
 
 
@@ -181,20 +184,21 @@ class TLSStream(trio.abc.Stream):
             pass
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        size = contract.receive_size(max_bytes, RECEIVE_SIZE)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._check()
         if not self._handshook:
             await self.do_handshake()
         self._receiving = True
-        # A transport read was made: that is this call's scheduling point (a
-        # RawSocketStream's comes by volume), and what it brought is worth a read().
+        # A transport read was made: that is this call's checkpoint, and what it
+        # brought is worth a read().
         filled = False
         try:
             incoming, tls = self._incoming, self._ssl
             while True:
                 if self._leftover or self._pending_error is not None:  # a pass-through's
-                    return await self._handed_over(max_bytes or RECEIVE_SIZE)
+                    return await self._handed_over(size)
                 # Nothing to decrypt: read() would only raise SSLWantReadError, which
                 # costs as much as a small record's decryption. Read the transport first.
                 if not (filled or incoming.pending or incoming.eof or tls.pending()):
@@ -203,7 +207,7 @@ class TLSStream(trio.abc.Stream):
                         filled = True
                         continue
                 try:
-                    data = tls.read(max_bytes or RECEIVE_SIZE)
+                    data = tls.read(size)
                 except ssl.SSLWantReadError:
                     await self._want_bytes()
                     filled = True
@@ -212,6 +216,8 @@ class TLSStream(trio.abc.Stream):
                     data = b""  # close_notify: a clean end
                 except ssl.SSLError as exc:
                     raise self._fail(exc) from exc
+                if data and len(data) < size and incoming.pending >= RECORD_HEADER:
+                    data = self._read_more(data, size)
                 if self._outgoing.pending:  # a KeyUpdate answer, say
                     try:
                         await self._flush()
@@ -223,6 +229,28 @@ class TLSStream(trio.abc.Stream):
                 return data
         finally:
             self._receiving = False
+
+    def _read_more(self, first: bytes, size: int) -> bytes:
+        """`first` and the records after it that are already in, up to `size` bytes: one
+        call returns what a 256 KiB transport read brought, not one 16 KiB record. What
+        ends the run (the peer's close_notify, a TLS error) is met by the next call."""
+        parts, n = [first], len(first)
+        tls, incoming = self._ssl, self._incoming
+        while n < size and incoming.pending >= RECORD_HEADER:
+            try:
+                more = tls.read(size - n)
+            except ssl.SSLWantReadError:
+                break  # a partial record: the rest is still on its way
+            except ssl.SSLZeroReturnError:
+                break  # close_notify: the next read() says so again
+            except ssl.SSLError as exc:
+                self._pending_error = exc  # reported after this data, by the next call
+                break
+            if not more:
+                break
+            parts.append(more)
+            n += len(more)
+        return first if len(parts) == 1 else b"".join(parts)
 
     async def _handed_over(self, max_bytes: int) -> bytes:
         """What a pass-through left for the receiver: plaintext it could not forward

@@ -73,9 +73,13 @@ advertised (Hello.window for the relay, Welcome.window for the home).
 `send(Data)` consumes credit when it queues, so queued output per stream is
 bounded by the credit; `send_capacity` says how much fits now. Received DATA
 beyond the credit we granted is a FLOW_CONTROL_ERROR. `acknowledge` returns
-credit once the application consumed received bytes; a WINDOW frame is queued
-when at least half the window was consumed since the last one. Received
-WINDOW events add credit and are returned, so the I/O layer can wake writers.
+credit once the application consumed received bytes: a WINDOW frame is queued
+when the stream's window less what the peer may still send and what we hold
+unconsumed reaches half the window. Each stream's window starts at the
+advertised one; with a `WindowTuner` (flow.py) it then follows the stream's
+measured delivery rate, within the tuner's budget, so a WINDOW may return more
+or less than was consumed. Received WINDOW events add credit and are returned,
+so the I/O layer can wake writers.
 
 Output (`data_to_send`)
 -----------------------
@@ -88,6 +92,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -112,6 +117,7 @@ from tunneld.wire.events import (
     Window,
     _NeedData,
 )
+from tunneld.wire.flow import StreamSample, TunerStatistics, WindowTuner
 from tunneld.wire.frames import (
     HEADER,
     HEADER_SIZE,
@@ -210,9 +216,10 @@ _FLOW: Final = ResetCode.FLOW_CONTROL_ERROR
 class _Stream:
     send_credit: int  # bytes we may still queue
     recv_credit: int  # bytes the peer may still send
+    window: int  # what recv_credit + unacked is topped up to (WINDOW frames)
     state: StreamState = StreamState.OPEN
     unacked: int = 0  # received, not yet acknowledged by the application
-    unannounced: int = 0  # acknowledged, not yet returned to the peer in a WINDOW
+    sample: StreamSample | None = None  # the tuner's measurement in progress
     out: deque[memoryview] | None = None  # queued DATA; None while idle (no buffer)
     out_bytes: int = 0
     eof_queued: bool = False
@@ -230,15 +237,26 @@ class Connection:
         max_streams: int = 1000,
         max_frame_size: int = MAX_FRAME_SIZE,
         data_chunk: int = 32 * 1024,
+        tuner: WindowTuner | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`tuner` (with `clock`, any monotonic seconds) sizes each stream's receive
+        window from its delivery rate; without one every stream keeps `window`."""
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be between 1 and {MAX_WINDOW}")
         if not 1 <= max_streams <= MAX_U32:
             raise ValueError(f"max_streams must be between 1 and {MAX_U32}")
         if not 1 <= data_chunk <= MAX_FRAME_SIZE:
             raise ValueError(f"data_chunk must be between 1 and {MAX_FRAME_SIZE}")
+        if tuner is not None and (clock is None or tuner.initial != window):
+            raise ValueError("a tuner needs a clock and the same initial window")
         self.role = role
         self._window = window
+        self._tuner = tuner
+        self._clock = clock
+        # Credit goes back at half the window consumed; a tuned window, at an eighth,
+        # so the sender is never idle long enough to blur the rate the tuner measures.
+        self._grant_shift = 1 if tuner is None else 3
         self._max_streams = max_streams
         self._data_chunk = data_chunk
         self._decoder = FrameDecoder(max_frame_size)
@@ -313,6 +331,11 @@ class Connection:
         """The stream's state, or None once it is forgotten (or was never opened)."""
         st = self._streams.get(stream_id)
         return None if st is None else st.state
+
+    def output_pending(self, stream_id: int) -> bool:
+        """Whether DATA or EOF queued on the stream has yet to leave in data_to_send."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.scheduled
 
     def send_capacity(self, stream_id: int) -> int:
         """Bytes `send(Data)` accepts on the stream now (0 if it cannot take data)."""
@@ -394,6 +417,9 @@ class Connection:
         self._error = True
         self._control.clear()
         self._ready.clear()
+        if self._tuner is not None:
+            for st in self._streams.values():
+                self._tuner.closed(st.window)
         self._streams.clear()
         self._queued_bytes = 0
 
@@ -458,7 +484,7 @@ class Connection:
             raise RemoteProtocolError(f"OPEN over the limit of {self._max_streams} open streams")
         assert self._peer_window is not None
         self._last_stream_id = sid
-        self._streams[sid] = _Stream(send_credit=self._peer_window, recv_credit=self._window)
+        self._streams[sid] = self._new_stream()
         self._total_streams += 1
         return event
 
@@ -581,7 +607,7 @@ class Connection:
             )
         self._last_stream_id = sid
         self._next_id = max(self._next_id, sid + 1)
-        self._streams[sid] = _Stream(send_credit=self._peer_window, recv_credit=self._window)
+        self._streams[sid] = self._new_stream()
         self._total_streams += 1
         self._queue_control(frame)
 
@@ -653,11 +679,21 @@ class Connection:
         st.out = None
         st.out_bytes = 0
         st.eof_queued = False
-        del self._streams[stream_id]
+        self._drop(stream_id, st)
 
     def _forget_if_done(self, stream_id: int, st: _Stream) -> None:
         if st.state is StreamState.CLOSED and not st.scheduled:
-            del self._streams[stream_id]
+            self._drop(stream_id, st)
+
+    def _new_stream(self) -> _Stream:
+        assert self._peer_window is not None
+        window = self._window if self._tuner is None else self._tuner.opened()
+        return _Stream(send_credit=self._peer_window, recv_credit=window, window=window)
+
+    def _drop(self, stream_id: int, st: _Stream) -> None:
+        del self._streams[stream_id]
+        if self._tuner is not None:
+            self._tuner.closed(st.window)
 
     def _queue_control(self, frame: bytes) -> None:
         self._control.append(frame)
@@ -688,11 +724,21 @@ class Connection:
         st.unacked -= nbytes
         if st.state in (StreamState.REMOTE_CLOSED, StreamState.CLOSED):
             return  # the peer sends no more: credit would be wasted
-        st.unannounced += nbytes
-        if st.unannounced >= max(1, self._window // 2):
-            increment, st.unannounced = st.unannounced, 0
+        if self._tuner is not None:
+            assert self._clock is not None
+            st.sample, st.window = self._tuner.consumed(st.sample, st.window, nbytes, self._clock())
+        increment = st.window - st.recv_credit - st.unacked
+        if increment >= max(1, st.window >> self._grant_shift):
             st.recv_credit += increment
             self._queue_control(encode(Window(stream_id, increment)))
+
+    def tuner_statistics(self) -> TunerStatistics | None:
+        return None if self._tuner is None else self._tuner.statistics()
+
+    def observe_rtt(self, rtt: float) -> None:
+        """A PING round trip, in seconds, for the window tuner (ignored without one)."""
+        if self._tuner is not None:
+            self._tuner.observe_rtt(rtt)
 
     # --- output -----------------------------------------------------------------
 
