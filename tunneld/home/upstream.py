@@ -33,7 +33,7 @@ __all__ = ["UpstreamConnection", "UpstreamError", "UpstreamPool", "upstream_ssl_
 
 log = logging.getLogger("tunneld.upstream")
 
-RECEIVE_SIZE = 64 * 1024
+RECEIVE_SIZE = 256 * 1024  # a body arrives in few reads: fewer TLS records written per call
 # Upstream response heads are trusted but still bounded (memory per connection).
 MAX_RESPONSE_HEAD = 256 * 1024
 # Servers close idle keep-alive connections after a while (aiohttp: 75 s); dropping

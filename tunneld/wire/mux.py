@@ -236,7 +236,7 @@ class Connection:
         window: int = 256 * 1024,
         max_streams: int = 1000,
         max_frame_size: int = MAX_FRAME_SIZE,
-        data_chunk: int = 32 * 1024,
+        data_chunk: int = 64 * 1024,
         tuner: WindowTuner | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
