@@ -48,6 +48,7 @@ __all__ = [
     "normalize_hostname",
     "parse_duration",
     "parse_listen",
+    "split_connect_to",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -143,6 +144,31 @@ def parse_listen(text: str) -> Listen:
     if port > 65535:
         raise ValueError(f"port must be 0-65535, got {json.dumps(text)}")
     return host, port
+
+
+def split_connect_to(text: str, default_port: int) -> Listen:
+    """`[relay] connect_to`: "host", "1.2.3.4", "::1", "host:port" or "[v6]:port" ->
+    (host, port), the URL's port when none is given; ValueError naming the forms."""
+    s = text.strip()
+    try:
+        ipaddress.ip_address(s)  # a bare IPv4 or IPv6 address, colons and all
+        return s, default_port
+    except ValueError:
+        pass
+    if ":" in s or s.startswith("["):
+        try:
+            return parse_listen(s)
+        except ValueError:
+            pass
+    elif _CONNECT_HOST.fullmatch(s):
+        return s, default_port
+    raise ValueError(
+        'expected a host or IP address, optionally with a port: "relay.example.net", '
+        f'"192.0.2.7", "192.0.2.7:8443" or "[2001:db8::7]:8443", got {json.dumps(text)}'
+    )
+
+
+_CONNECT_HOST = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def format_listen(listen: Listen) -> str:
@@ -552,6 +578,16 @@ def _ws_url(value: object) -> str:
     return url
 
 
+def _connect_to(value: object) -> str:
+    text = _string(value).strip()
+    if text:
+        try:
+            split_connect_to(text, 443)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
+
+
 def _http_url(value: object) -> str:
     url = _string(value)
     try:
@@ -833,7 +869,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             "url": _ws_url,
             "token_file": optional_path,
             "ca_file": optional_path,
-            "connect_to": _string,
+            "connect_to": _connect_to,
             "connect_timeout": _duration(),
             "ping_interval": _duration(empty_is_none=True),
             "ping_timeout": _duration(),

@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 
+from tunneld.checks import PLACEHOLDER_TOKEN
 from tunneld.config import (
     HomeConfig,
     HomeRelaySection,
@@ -41,7 +42,6 @@ __all__ = [
     "write_config",
 ]
 
-PLACEHOLDER_TOKEN = "REPLACE-WITH-TOKEN"
 FILE_MODE = 0o600
 WIDTH = 98
 
