@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from tunneld.config import HomeConfig, RelayConfig, RelaySection
+from tunneld.config import LETSENCRYPT_TERMS, HomeConfig, RelayConfig, RelaySection
 from tunneld.errors import ConfigError, KeyFileError, TokenError
 from tunneld.pki import CertificateInfo, certificate_info
 from tunneld.tokens import decode_claims_unverified, load_private_key, load_public_keys
@@ -169,6 +169,12 @@ def check_home(config: HomeConfig, now: float | None = None) -> Findings:
         label = _label(path, "upstream", "ca_file")
         _attempt(findings, client_context, label, config.upstream.ca_file)
     _check_token(config, findings, time.time() if now is None else now)
+    if config.acme.enabled and not config.acme.agree_tos and config.tls.certificate is None:
+        findings.warnings.append(
+            f"{_label(path, 'acme', 'agree_tos')}: false, so ACME stays off and clients see a "
+            f"self-signed certificate; read the CA's terms (Let's Encrypt: {LETSENCRYPT_TERMS}) "
+            "and set agree_tos = true to let the daemon order one"
+        )
     return findings
 
 

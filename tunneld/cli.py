@@ -108,6 +108,12 @@ def _add_init_parser(sub: Any) -> None:
     )
     p.add_argument("--upstream", help="the local app, e.g. http://127.0.0.1:8123")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument(
+        "--agree-tos",
+        action="store_true",
+        help="agree to the ACME CA's terms of service (Let's Encrypt: "
+        "https://letsencrypt.org/repository/); without it ACME stays off",
+    )
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -123,6 +129,7 @@ def _init(args: argparse.Namespace) -> int:
             hostnames=args.hostnames,
             upstream=args.upstream,
             force=args.force,
+            agree_tos=args.agree_tos,
         )
     )
     return 0

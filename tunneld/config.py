@@ -54,6 +54,8 @@ __all__ = [
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Listen = tuple[str, int]
 
+# Where Let's Encrypt publishes its subscriber agreement (the directory's termsOfService).
+LETSENCRYPT_TERMS = "https://letsencrypt.org/repository/"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_STREAM_WINDOW = 16 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
@@ -282,6 +284,9 @@ class TlsSection:
 @dataclass(frozen=True)
 class AcmeSection:
     enabled: bool = True
+    # The CA's terms of service, agreed to by the user (issue 22): until then no ACME
+    # account is made and the daemon serves its self-signed certificate; status says why.
+    agree_tos: bool = False
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
     ca_file: Path | None = None
@@ -921,6 +926,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             AcmeSection,
             {
                 "enabled": _boolean,
+                "agree_tos": _boolean,
                 "directory": _acme_directory,
                 "email": _email,
                 "ca_file": optional_path,

@@ -22,6 +22,7 @@ import tomli_w
 
 from tunneld.checks import PLACEHOLDER_TOKEN
 from tunneld.config import (
+    AcmeSection,
     HomeConfig,
     HomeRelaySection,
     RelayConfig,
@@ -95,8 +96,14 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
     },
     "acme": {
         "enabled": (
-            "Obtain and renew the certificate with ACME (TLS-ALPN-01 through the tunnel); "
-            "enabling it agrees to the CA's terms of service."
+            "Obtain and renew the certificate with ACME (TLS-ALPN-01 through the tunnel), once "
+            "agree_tos is true."
+        ),
+        "agree_tos": (
+            "You agree to the ACME CA's terms of service (Let's Encrypt: "
+            "https://letsencrypt.org/repository/). Until true, ACME stays off, clients see a "
+            "self-signed certificate and `tunneld status` says why; `tunneld init --agree-tos` "
+            "writes true."
         ),
         "directory": "ACME directory URL.",
         "email": 'Contact address for the ACME account; "" = none.',
@@ -232,6 +239,7 @@ def home_config_text(
     token_file: Path | None = None,
     hostnames: Sequence[str] = ("home.example.com",),
     upstream: str = "http://127.0.0.1:8123",
+    agree_tos: bool = False,
 ) -> str:
     """A complete home config; without token or token_file it holds a placeholder."""
     if token is not None and token_file is not None:
@@ -243,6 +251,7 @@ def home_config_text(
                 url=relay_url, token=token or PLACEHOLDER_TOKEN, token_file=token_file
             ),
             tls=TlsSection(hostnames=tuple(hostnames)),
+            acme=AcmeSection(agree_tos=agree_tos),
             upstream=UpstreamSection(url=upstream),
         )
     except ValueError as exc:  # the upstream URL, checked by its dataclass
@@ -318,11 +327,12 @@ def init_command(
     hostnames: Sequence[str] = (),
     upstream: str | None = None,
     force: bool = False,
+    agree_tos: bool = False,
 ) -> str:
     """`tunneld init`: write the file; returns what to tell the user (never the token)."""
     output = Path(output)
     if role == "relay":
-        if relay_url or token or token_file or upstream or len(hostnames) > 1:
+        if relay_url or token or token_file or upstream or agree_tos or len(hostnames) > 1:
             raise ConfigError(
                 "--role relay takes only --hostname (the relay's own name) and -o/--force"
             )
@@ -343,10 +353,16 @@ def init_command(
     text = home_config_text(
         token=token,
         token_file=Path(token_file).absolute() if token_file else None,
+        agree_tos=agree_tos,
         **home,
     )
     write_config(output, text, force=force)
     note = f"wrote {output} (home config, mode 0600)."
     if token is None and token_file is None:
         note += " Next: replace REPLACE-WITH-TOKEN with the token from `tunneld token issue`."
+    if not agree_tos:
+        note += (
+            " ACME (Let's Encrypt) stays off until you agree to the CA's terms: "
+            "[acme] agree_tos = true, or init again with --agree-tos."
+        )
     return f"{note} Check it with `tunneld check-config -c {output}`"

@@ -153,7 +153,7 @@ def pem_garbage(path: Path) -> Path:
         ("relay", "ca_file", {}),
         ("tls", "certificate", {}),
         ("tls", "private_key", {}),
-        ("acme", "ca_file", {"acme": {"enabled": True}}),
+        ("acme", "ca_file", {"acme": {"enabled": True, "agree_tos": True}}),
         ("upstream", "ca_file", {"upstream": {"url": "https://127.0.0.1:8123"}}),
     ],
 )
@@ -401,3 +401,24 @@ def test_status_json_of_a_stopped_daemon_still_says_not_running(files: World) ->
     result = tunneld("status", "-c", str(files.home_config), "--json")
     assert result.returncode == 3
     assert json.loads(result.stdout)["state"] == "not running"
+
+
+# --- 5. ACME consent ---------------------------------------------------------------------
+
+
+def test_acme_stays_off_until_the_terms_are_agreed_to_and_status_says_why(files: World) -> None:
+    terms = "https://letsencrypt.org/repository/"
+    # Enabled, pointed at a directory nobody serves: with consent missing it is never asked.
+    write_home(files, acme={"enabled": True, "directory": "https://127.0.0.1:9/directory"})
+    check = tunneld("check-config", "-c", str(files.home_config))
+    assert check.returncode == 0, check.stderr
+    assert "[acme] agree_tos" in check.stderr and terms in check.stderr
+    files.start_app()
+    files.home = files.spawn("home", [PY, "-m", "tunneld", "run", "-c", str(files.home_config)])
+    st = wait_for(lambda: files.status(files.home_config, files.home), what="daemon status")
+    assert st["certificate"]["managed"] == "bootstrap"
+    assert st["certificate"]["renewal"]["state"] == "disabled"
+    assert any("agree_tos" in w and terms in w for w in st["warnings"]), st["warnings"]
+    text = tunneld("status", "-c", str(files.home_config))
+    assert "WARNING: ACME is off: [acme] agree_tos is false" in text.stdout
+    assert "ordering" not in files.home.log()  # no order was attempted
