@@ -138,7 +138,10 @@ def _attempt(findings: Findings, check: object, *args: object) -> None:
         findings.errors.append(str(exc))
 
 
-def check_relay(config: RelayConfig) -> Findings:
+def check_relay(config: RelayConfig, *, starting: bool = False) -> Findings:
+    """`starting`: only what the relay process opens; the signing key, used by
+    `tunneld token issue` alone (often as root, while the relay runs as its own user),
+    is checked by check-config."""
     findings = Findings()
     cfg: RelaySection = config.relay
     _attempt(findings, relay_tls, config)
@@ -147,7 +150,7 @@ def check_relay(config: RelayConfig) -> Findings:
         load_public_keys(cfg.token_public_key)
     except KeyFileError as exc:
         findings.errors.append(f"{label}: {exc}")
-    if cfg.token_private_key is not None:
+    if cfg.token_private_key is not None and not starting:
         label = _label(config.path, "relay", "token_private_key")
         try:
             load_private_key(cfg.token_private_key)
@@ -226,8 +229,8 @@ def _check_token(config: HomeConfig, findings: Findings, now: float) -> None:
         )
 
 
-def check_config(config: HomeConfig | RelayConfig) -> Findings:
-    """Every check for the config's role."""
+def check_config(config: HomeConfig | RelayConfig, *, starting: bool = False) -> Findings:
+    """Every check for the config's role (`starting`: only what the process opens)."""
     if isinstance(config, HomeConfig):
         return check_home(config)
-    return check_relay(config)
+    return check_relay(config, starting=starting)

@@ -303,7 +303,7 @@ def _preflight(config: HomeConfig | RelayConfig) -> None:
     the first failure is the one line the user sees (exit 2), never a traceback."""
     from tunneld.checks import check_config
 
-    findings = check_config(config)
+    findings = check_config(config, starting=True)
     if findings.errors:
         raise ConfigError(findings.errors[0])
 
@@ -313,7 +313,7 @@ def _log_warnings(config: HomeConfig | RelayConfig) -> None:
 
     from tunneld.checks import check_config
 
-    for warning in check_config(config).warnings:
+    for warning in check_config(config, starting=True).warnings:
         logging.getLogger("tunneld.config").warning("%s", warning)
 
 

@@ -206,6 +206,16 @@ def test_check_config_opens_every_file_of_a_relay_config(
     assert "valid" not in result.stdout
 
 
+def test_the_relay_itself_does_not_need_the_signing_key(files: World) -> None:
+    # Only `token issue` reads token_private_key; a relay running as its own user that
+    # may not read it (root's 0600 file) still starts.
+    files.write_relay_config(token_private_key=str(files.root / "elsewhere.key"))
+    files.relay = files.spawn(
+        "relay", [PY, "-m", "tunneld", "relay", "-c", str(files.relay_config)]
+    )
+    wait_for(lambda: files.status(files.relay_config, files.relay), what="relay status")
+
+
 def test_check_config_passes_a_relay_config_whose_files_are_good(files: World) -> None:
     result = tunneld("check-config", "-c", str(files.relay_config))
     assert result.returncode == 0, result.stderr
