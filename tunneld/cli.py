@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NOT_RUNNING
     except ControlPermissionError as exc:
         print(f"tunneld: {exc}", file=sys.stderr)
-        return EXIT_PERMISSION_DENIED
+        return EXIT_PERMISSION_DENIED if args.command == "status" else EXIT_ERROR
     except TunneldError as exc:
         print(f"tunneld: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -340,7 +340,8 @@ def init_command(
         write_config(output, text, force=force)
         return (
             f"wrote {output} (relay config). Next: put the relay certificate (relay.crt, "
-            "relay.key) and token.pub (`tunneld keygen`) beside it, then "
+            "relay.key) and token.pub (`tunneld keygen`) beside it; to issue tokens here, set "
+            'token_private_key = "token.key" (the private half); then '
             f"`tunneld check-config -c {output}`"
         )
     home: dict[str, Any] = {"path": output}
