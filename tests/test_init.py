@@ -113,6 +113,29 @@ def test_home_init_without_a_token_writes_a_placeholder_and_says_so(
     assert config.relay.token == PLACEHOLDER_TOKEN
 
 
+def test_home_init_leaves_acme_off_until_the_terms_are_agreed_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    terms = "https://letsencrypt.org/repository/"
+    path = tmp_path / "tunneld.toml"
+    code, output = run_init(tmp_path, capsys, "-o", str(path))
+    assert code == 0 and "--agree-tos" in output
+    text = path.read_text()
+    assert "\nagree_tos = false\n" in text
+    assert terms in comments(text)[("acme", "agree_tos")]
+    config = load_config(path)
+    assert isinstance(config, HomeConfig)
+    assert config.acme.enabled and not config.acme.agree_tos
+
+    agreed = tmp_path / "agreed.toml"
+    code, output = run_init(tmp_path, capsys, "-o", str(agreed), "--agree-tos")
+    assert code == 0 and "agree_tos" not in output
+    config = load_config(agreed)
+    assert isinstance(config, HomeConfig)
+    assert config.acme.enabled and config.acme.agree_tos
+    assert "\nagree_tos = true\n" in agreed.read_text()
+
+
 def test_token_file_is_written_as_an_absolute_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -109,3 +109,12 @@ def test_units_match_the_example_configs_paths() -> None:
     assert '"/run/tunneld-relay/control.sock"' in (conf / "relay.toml").read_text()
     assert directives(HOME_UNIT)["RuntimeDirectory"] == ["tunneld"]
     assert directives(RELAY_UNIT)["RuntimeDirectory"] == ["tunneld-relay"]
+
+
+@pytest.mark.parametrize("unit", [HOME_UNIT, RELAY_UNIT], ids=lambda p: p.name)
+def test_units_run_on_a_32_bit_userland_under_a_64_bit_kernel(unit: Path) -> None:
+    # Raspberry Pi OS armhf on a Pi 4/5: `native` is arm64 there, python3 is arm (issue 22).
+    archs = directives(unit).get("SystemCallArchitectures")
+    assert archs is None or "arm" in archs[-1].split(), archs
+    assert "32-bit" in unit.read_text() and "SystemCallArchitectures" in unit.read_text()
+    assert directives(unit)["SystemCallFilter"] == ["@system-service"]

@@ -5,20 +5,37 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from tunneld import __version__
-from tunneld.errors import ControlError, NotRunningError, TunneldError
+from tunneld.errors import (
+    AlreadyRunningError,
+    ConfigError,
+    ControlError,
+    ControlPermissionError,
+    NotRunningError,
+    TunneldError,
+    first_error,
+)
+
+if TYPE_CHECKING:
+    from tunneld.config import HomeConfig, RelayConfig
 
 DEFAULT_HOME_CONFIG = "/etc/tunneld/tunneld.toml"
 
-# `tunneld status` exit codes (DESIGN.md contract).
-EXIT_CONNECTED, EXIT_NOT_CONNECTED, EXIT_NOT_RUNNING = 0, 1, 3
+# `tunneld status` exit codes (DESIGN.md contract), and 4: the control socket exists but
+# this user may not open it (README: "Reading status as another user").
+EXIT_CONNECTED, EXIT_NOT_CONNECTED, EXIT_NOT_RUNNING, EXIT_PERMISSION_DENIED = 0, 1, 3, 4
+EXIT_ERROR = 2
+# stdout closed by the reader (`tunneld status | head -1`): end quietly with the status a
+# shell shows for a command ended by SIGPIPE, as `yes | head -1` does.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +108,12 @@ def _add_init_parser(sub: Any) -> None:
     )
     p.add_argument("--upstream", help="the local app, e.g. http://127.0.0.1:8123")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument(
+        "--agree-tos",
+        action="store_true",
+        help="agree to the ACME CA's terms of service (Let's Encrypt: "
+        "https://letsencrypt.org/repository/); without it ACME stays off",
+    )
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -106,6 +129,7 @@ def _init(args: argparse.Namespace) -> int:
             hostnames=args.hostnames,
             upstream=args.upstream,
             force=args.force,
+            agree_tos=args.agree_tos,
         )
     )
     return 0
@@ -145,15 +169,40 @@ def _bans(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        try:
+            code = _dispatch(args)
+        except BaseExceptionGroup as group:
+            # A nursery's group carrying one of ours is that one error, on one line.
+            exc = first_error(group)
+            if not isinstance(exc, TunneldError | BrokenPipeError):
+                raise
+            raise exc from None
+        sys.stdout.flush()  # a closed stdout shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except NotRunningError as exc:
         print(f"tunneld: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    except ControlPermissionError as exc:
+        print(f"tunneld: {exc}", file=sys.stderr)
+        return EXIT_PERMISSION_DENIED if args.command == "status" else EXIT_ERROR
     except TunneldError as exc:
         print(f"tunneld: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush finds no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -208,9 +257,12 @@ def _run(path: str) -> int:
     config = load_config(path)
     if not isinstance(config, HomeConfig):
         raise ConfigError(f"{path}: this is a relay config; run it with `tunneld relay -c {path}`")
+    _refuse_if_running(config.daemon.control_socket, path, "a daemon")
+    _preflight(config)
     setup_logging(config.daemon.log_level)
+    _log_warnings(config)
     _freeze_startup_heap()
-    return trio.run(run_daemon, config)
+    return _serve(run_daemon, config, path, "a daemon")
 
 
 def _relay(path: str) -> int:
@@ -222,12 +274,69 @@ def _relay(path: str) -> int:
     config = load_config(path)
     if not isinstance(config, RelayConfig):
         raise ConfigError(f"{path}: this is a home config; run it with `tunneld run -c {path}`")
+    _refuse_if_running(config.relay.control_socket, path, "a relay")
+    _preflight(config)
     setup_logging(config.relay.log_level)
+    _log_warnings(config)
     _freeze_startup_heap()
+    return _serve(run_relay, config, path, "a relay")
+
+
+def _refuse_if_running(socket_path: Path, path: str, what: str) -> None:
+    """A second process on the same config stops here, before it touches the first one's
+    state files. (The control socket's own check, at bind, covers a race.)"""
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
-        return trio.run(run_relay, config)
-    except OSError as exc:
-        raise ConfigError(f"{path}: [relay] listen: cannot listen: {exc.strerror or exc}") from None
+        probe.connect(str(socket_path))
+    except OSError:
+        return  # nothing listens (or we may not tell): the bind decides
+    finally:
+        probe.close()
+    raise _already_running(AlreadyRunningError("", str(socket_path)), path, what)
+
+
+def _preflight(config: HomeConfig | RelayConfig) -> None:
+    """Open every file the process will open, and decode the token, before starting:
+    the first failure is the one line the user sees (exit 2), never a traceback."""
+    from tunneld.checks import check_config
+
+    findings = check_config(config, starting=True)
+    if findings.errors:
+        raise ConfigError(findings.errors[0])
+
+
+def _log_warnings(config: HomeConfig | RelayConfig) -> None:
+    import logging
+
+    from tunneld.checks import check_config
+
+    for warning in check_config(config, starting=True).warnings:
+        logging.getLogger("tunneld.config").warning("%s", warning)
+
+
+def _serve(main: Any, config: HomeConfig | RelayConfig, path: str, what: str) -> int:
+    try:
+        result: int = trio.run(main, config)
+    except BaseExceptionGroup as group:
+        exc = first_error(group)
+        if not isinstance(exc, TunneldError):
+            raise
+        if isinstance(exc, AlreadyRunningError):
+            raise _already_running(exc, path, what) from None
+        raise exc from None
+    except AlreadyRunningError as exc:
+        raise _already_running(exc, path, what) from None
+    return result
+
+
+def _already_running(exc: AlreadyRunningError, path: str, what: str) -> TunneldError:
+    return TunneldError(
+        f"{what} is already running with this config: its control socket {exc.socket_path} "
+        f"answers; see it with `tunneld status -c {path}`"
+    )
 
 
 def _status(path: str, as_json: bool) -> int:
@@ -248,6 +357,8 @@ def _status(path: str, as_json: bool) -> int:
         else:
             print(f"not running (no answer on {socket_path})")
         return EXIT_NOT_RUNNING
+    except ControlPermissionError:
+        raise  # exit 4, with who may open the socket
     except ControlError as exc:
         print(f"tunneld: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -384,11 +495,20 @@ def _cert_show(path: str, as_json: bool) -> int:
 
 
 def _check_config(path: str) -> int:
+    from tunneld.checks import check_config
     from tunneld.config import HomeConfig, load_config, masked
 
     config = load_config(path)
+    findings = check_config(config)
+    for warning in findings.warnings:
+        print(f"tunneld: warning: {warning}", file=sys.stderr)
+    if findings.errors:
+        for error in findings.errors:
+            print(f"tunneld: {error}", file=sys.stderr)
+        return EXIT_ERROR
     role = "home daemon" if isinstance(config, HomeConfig) else "relay"
-    print(f"{path}: valid {role} config")
+    note = f" ({len(findings.warnings)} warning(s), above)" if findings.warnings else ""
+    print(f"{path}: valid {role} config; every file it names was opened and parsed{note}")
     print(json.dumps(masked(config), indent=2, default=str))
     return 0
 

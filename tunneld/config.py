@@ -48,11 +48,14 @@ __all__ = [
     "normalize_hostname",
     "parse_duration",
     "parse_listen",
+    "split_connect_to",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Listen = tuple[str, int]
 
+# Where Let's Encrypt publishes its subscriber agreement (the directory's termsOfService).
+LETSENCRYPT_TERMS = "https://letsencrypt.org/repository/"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_STREAM_WINDOW = 16 * 1024
 MAX_STREAM_WINDOW = 16 * 1024 * 1024
@@ -148,6 +151,31 @@ def parse_listen(text: str) -> Listen:
     if port > 65535:
         raise ValueError(f"port must be 0-65535, got {json.dumps(text)}")
     return host, port
+
+
+def split_connect_to(text: str, default_port: int) -> Listen:
+    """`[relay] connect_to`: "host", "1.2.3.4", "::1", "host:port" or "[v6]:port" ->
+    (host, port), the URL's port when none is given; ValueError naming the forms."""
+    s = text.strip()
+    try:
+        ipaddress.ip_address(s)  # a bare IPv4 or IPv6 address, colons and all
+        return s, default_port
+    except ValueError:
+        pass
+    if ":" in s or s.startswith("["):
+        try:
+            return parse_listen(s)
+        except ValueError:
+            pass
+    elif _CONNECT_HOST.fullmatch(s):
+        return s, default_port
+    raise ValueError(
+        'expected a host or IP address, optionally with a port: "relay.example.net", '
+        f'"192.0.2.7", "192.0.2.7:8443" or "[2001:db8::7]:8443", got {json.dumps(text)}'
+    )
+
+
+_CONNECT_HOST = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def format_listen(listen: Listen) -> str:
@@ -263,6 +291,9 @@ class TlsSection:
 @dataclass(frozen=True)
 class AcmeSection:
     enabled: bool = True
+    # The CA's terms of service, agreed to by the user (issue 22): until then no ACME
+    # account is made and the daemon serves its self-signed certificate; status says why.
+    agree_tos: bool = False
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
     ca_file: Path | None = None
@@ -559,6 +590,16 @@ def _ws_url(value: object) -> str:
             f'expected a "wss://host/v1/tunnel" (or ws://) URL with a host, got {_show(value)}'
         )
     return url
+
+
+def _connect_to(value: object) -> str:
+    text = _string(value).strip()
+    if text:
+        try:
+            split_connect_to(text, 443)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
 
 
 def _http_url(value: object) -> str:
@@ -867,7 +908,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             "url": _ws_url,
             "token_file": optional_path,
             "ca_file": optional_path,
-            "connect_to": _string,
+            "connect_to": _connect_to,
             "connect_timeout": _duration(),
             "ping_interval": _duration(empty_is_none=True),
             "ping_timeout": _duration(),
@@ -919,6 +960,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             AcmeSection,
             {
                 "enabled": _boolean,
+                "agree_tos": _boolean,
                 "directory": _acme_directory,
                 "email": _email,
                 "ca_file": optional_path,

@@ -40,7 +40,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import h11
 import trio
 
-from tunneld.errors import ControlError, NotRunningError
+from tunneld.errors import (
+    AlreadyRunningError,
+    ControlError,
+    ControlPermissionError,
+    NotRunningError,
+)
 
 __all__ = [
     "ControlRequest",
@@ -59,6 +64,9 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 IDLE_TIMEOUT = 10.0  # per request: reading it, and writing its answer
 DIR_MODE = 0o755
+# The daemon's and the relay's sockets: the owner and the owner's group (under systemd, the
+# service's own group, `tunneld` or `tunneld-relay`), so `status` works for members of it.
+SOCKET_MODE = 0o660
 _RECV_SIZE = 64 * 1024
 _DRAIN_BYTES = 256 * 1024  # read and dropped before closing after an early error
 _DRAIN_SECONDS = 1.0
@@ -176,7 +184,7 @@ async def _remove_stale_socket(path: Path) -> None:
         with trio.move_on_after(1.0):
             await probe.connect(str(path))
         # Connected, or still waiting on a full backlog: either way, a live listener.
-        raise ControlError(f"another process is already listening on {path}")
+        raise AlreadyRunningError(f"another process is already listening on {path}", str(path))
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # stale (or vanished meanwhile)
     except PermissionError:
@@ -482,8 +490,8 @@ async def _connect(path: Path) -> trio.SocketStream:
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunningError(f"not running: nothing listens on {path}") from None
     except PermissionError:
-        raise ControlError(
-            f"permission denied on {path}: run as root (sudo) or as a member of its group"
+        raise ControlPermissionError(
+            f"permission denied on {path}: {_access_advice(path)}"
         ) from None
     except OSError as exc:
         raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
@@ -529,6 +537,29 @@ async def _exchange(
         raise ControlError(f"bad answer from {socket_path}: {exc}") from None
     except (trio.BrokenResourceError, OSError) as exc:
         raise ControlError(f"connection to {socket_path} broke: {exc}") from None
+
+
+def _access_advice(path: Path) -> str:
+    """Who may open `path`: root, its owner and, when its mode lets the group in, that group."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "run as root (sudo)"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {st.st_uid}"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = f"gid {st.st_gid}"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o060 == 0o060:
+        return (
+            f"it is {mode:04o} {owner}:{group}: run as root (sudo), as {owner}, or as a member "
+            f"of group {group} (sudo usermod -aG {group} $USER, then log in again)"
+        )
+    return f"it is {mode:04o} {owner}:{group}: run as root (sudo) or as {owner}"
 
 
 def _error_text(data: bytes) -> str:

@@ -7,6 +7,7 @@ own command would run it (the configs are real files read by `load_config`).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -118,14 +119,19 @@ async def _run_demo(root: Path, signals: AsyncIterator[int], *, check: bool, por
             f"In a browser: map {HOME_NAME} to 127.0.0.1 in /etc/hosts, open {url}\n"
             f"and accept the self-signed certificate.\n"
             f"Status: tunneld status -c {root / 'tunneld.toml'}\n"
-            f"Press Ctrl-C to stop.\n",
+            + ("Running that curl once:\n" if check else "Press Ctrl-C to stop.\n"),
             flush=True,
         )
         if check:
-            result = await trio.run_process(curl, capture_stdout=True, check=False)
-            sys.stdout.write(result.stdout.decode(errors="replace") + "\n")
+            result = await trio.run_process(
+                curl, capture_stdout=True, capture_stderr=True, check=False
+            )
+            body = result.stdout.decode(errors="replace")
+            sys.stdout.write(body.rstrip("\n") + "\n")
+            code, verdict = check_verdict(result.returncode, body, result.stderr)
+            print(f"demo check {verdict}; exit status {code}", flush=True)
             nursery.cancel_scope.cancel()
-            return 0 if result.returncode == 0 else 1
+            return code
         async for _ in signals:
             break
         print("stopping", flush=True)
@@ -135,6 +141,26 @@ async def _run_demo(root: Path, signals: AsyncIterator[int], *, check: bool, por
             await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     return 0
+
+
+def check_verdict(curl_code: int, body: str, stderr: bytes) -> tuple[int, str]:
+    """The exit status of `demo --check` and the one line that says what was checked."""
+    what = (
+        f"GET https://{HOME_NAME}/headers by curl through the relay, TLS verified against the "
+        "daemon's certificate, proxied to the demo app"
+    )
+    if curl_code != 0:
+        error = stderr.decode(errors="replace").strip().splitlines()
+        detail = f": {error[-1]}" if error else ""
+        return 1, f"FAILED: {what}: curl exited {curl_code}{detail}"
+    try:
+        echoed = json.loads(body)
+        forwarded = [v for k, v in echoed["headers"] if k.lower() == "x-forwarded-for"]
+    except (ValueError, KeyError, TypeError):
+        return 1, f"FAILED: {what}: the answer is not the app's JSON echo"
+    if echoed.get("path") != "/headers" or len(forwarded) != 1:
+        return 1, f"FAILED: {what}: the app did not see the request with one X-Forwarded-For"
+    return 0, f"passed: {what}, which saw X-Forwarded-For {forwarded[0]}"
 
 
 def main(check: bool = False, keep: bool = False, port: int = 0) -> int:

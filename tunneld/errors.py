@@ -78,6 +78,18 @@ class NotRunningError(ControlError):
     """Nothing listens on the control socket: the process is not running."""
 
 
+class ControlPermissionError(ControlError):
+    """The control socket exists but this user may not open it (`status` exits 4)."""
+
+
+class AlreadyRunningError(ControlError):
+    """Another process already listens on the control socket (a second daemon)."""
+
+    def __init__(self, msg: str, socket_path: str) -> None:
+        super().__init__(msg)
+        self.socket_path = socket_path
+
+
 class SessionRefused(TunneldError):
     """The relay refused the tunnel session before the upgrade.
 

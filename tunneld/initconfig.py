@@ -20,7 +20,9 @@ from typing import Any
 
 import tomli_w
 
+from tunneld.checks import PLACEHOLDER_TOKEN
 from tunneld.config import (
+    AcmeSection,
     HomeConfig,
     HomeRelaySection,
     RelayConfig,
@@ -41,7 +43,6 @@ __all__ = [
     "write_config",
 ]
 
-PLACEHOLDER_TOKEN = "REPLACE-WITH-TOKEN"
 FILE_MODE = 0o600
 WIDTH = 98
 
@@ -95,8 +96,14 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
     },
     "acme": {
         "enabled": (
-            "Obtain and renew the certificate with ACME (TLS-ALPN-01 through the tunnel); "
-            "enabling it agrees to the CA's terms of service."
+            "Obtain and renew the certificate with ACME (TLS-ALPN-01 through the tunnel), once "
+            "agree_tos is true."
+        ),
+        "agree_tos": (
+            "You agree to the ACME CA's terms of service (Let's Encrypt: "
+            "https://letsencrypt.org/repository/). Until true, ACME stays off, clients see a "
+            "self-signed certificate and `tunneld status` says why; `tunneld init --agree-tos` "
+            "writes true."
         ),
         "directory": "ACME directory URL.",
         "email": 'Contact address for the ACME account; "" = none.',
@@ -254,6 +261,7 @@ def home_config_text(
     token_file: Path | None = None,
     hostnames: Sequence[str] = ("home.example.com",),
     upstream: str = "http://127.0.0.1:8123",
+    agree_tos: bool = False,
 ) -> str:
     """A complete home config; without token or token_file it holds a placeholder."""
     if token is not None and token_file is not None:
@@ -265,6 +273,7 @@ def home_config_text(
                 url=relay_url, token=token or PLACEHOLDER_TOKEN, token_file=token_file
             ),
             tls=TlsSection(hostnames=tuple(hostnames)),
+            acme=AcmeSection(agree_tos=agree_tos),
             upstream=UpstreamSection(url=upstream),
         )
     except ValueError as exc:  # the upstream URL, checked by its dataclass
@@ -340,11 +349,12 @@ def init_command(
     hostnames: Sequence[str] = (),
     upstream: str | None = None,
     force: bool = False,
+    agree_tos: bool = False,
 ) -> str:
     """`tunneld init`: write the file; returns what to tell the user (never the token)."""
     output = Path(output)
     if role == "relay":
-        if relay_url or token or token_file or upstream or len(hostnames) > 1:
+        if relay_url or token or token_file or upstream or agree_tos or len(hostnames) > 1:
             raise ConfigError(
                 "--role relay takes only --hostname (the relay's own name) and -o/--force"
             )
@@ -352,7 +362,8 @@ def init_command(
         write_config(output, text, force=force)
         return (
             f"wrote {output} (relay config). Next: put the relay certificate (relay.crt, "
-            "relay.key) and token.pub (`tunneld keygen`) beside it, then "
+            "relay.key) and token.pub (`tunneld keygen`) beside it; to issue tokens here, set "
+            'token_private_key = "token.key" (the private half); then '
             f"`tunneld check-config -c {output}`"
         )
     home: dict[str, Any] = {"path": output}
@@ -365,10 +376,16 @@ def init_command(
     text = home_config_text(
         token=token,
         token_file=Path(token_file).absolute() if token_file else None,
+        agree_tos=agree_tos,
         **home,
     )
     write_config(output, text, force=force)
     note = f"wrote {output} (home config, mode 0600)."
     if token is None and token_file is None:
         note += " Next: replace REPLACE-WITH-TOKEN with the token from `tunneld token issue`."
+    if not agree_tos:
+        note += (
+            " ACME (Let's Encrypt) stays off until you agree to the CA's terms: "
+            "[acme] agree_tos = true, or init again with --agree-tos."
+        )
     return f"{note} Check it with `tunneld check-config -c {output}`"

@@ -51,7 +51,7 @@ def home_config(tmp_path: Path, acme: Mapping[str, object] = {}, **tls: object) 
             {
                 "relay": {"url": "wss://relay.example.com/v1/tunnel", "token": "t0ken"},
                 "tls": {"hostnames": [HOST], **tls},
-                "acme": {"directory": "https://127.0.0.1:1/dir", **acme},
+                "acme": {"directory": "https://127.0.0.1:1/dir", "agree_tos": True, **acme},
                 "daemon": {"state_directory": str(tmp_path / "state")},
             }
         )
@@ -364,6 +364,14 @@ async def test_orders_wait_for_the_relay_session(tmp_path: Path) -> None:
 
 def test_disabled_or_unmanaged_certificates_are_not_ordered(tmp_path: Path) -> None:
     assert not CertificateStore(home_config(tmp_path, acme={"enabled": False})).acme_enabled
+    # Enabled but the CA's terms not agreed to: off, and status says why (issue 22).
+    waiting = loaded_store(home_config(tmp_path, acme={"agree_tos": False}))
+    assert not waiting.acme_enabled
+    (warning,) = waiting.warnings()
+    assert "agree_tos" in warning and "https://letsencrypt.org/repository/" in warning
+    status = waiting.status()
+    assert status is not None and status["managed"] == "bootstrap"
+    assert status["renewal"] == {"state": "disabled", "reason": warning, "last_error": None}
     pem, key = ca_issued([HOST], days=10)
     (tmp_path / "own.crt").write_bytes(pem)
     (tmp_path / "own.key").write_bytes(

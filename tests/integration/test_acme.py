@@ -181,6 +181,7 @@ def acme_world(tmp_path: Path) -> Iterator[tuple[World, Pebble]]:
 def acme_section(pebble: Pebble, **overrides: Any) -> dict[str, Any]:
     return {
         "enabled": True,
+        "agree_tos": True,
         "directory": pebble.directory,
         "ca_file": str(pebble.ca_file),
         "email": "admin@home.test",

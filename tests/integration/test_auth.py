@@ -367,7 +367,9 @@ def test_control_sockets_are_private_files(site: Site) -> None:
     for sock in (site.a.socket, site.b.socket, site.relay_socket):
         st = sock.stat()
         assert stat.S_ISSOCK(st.st_mode)
-        assert stat.S_IMODE(st.st_mode) == 0o600, (sock, oct(st.st_mode))
+        # The owner and its group (under systemd, the service's group `tunneld`), no one else.
+        assert stat.S_IMODE(st.st_mode) == 0o660, (sock, oct(st.st_mode))
+        assert st.st_gid == os.getegid()
         assert st.st_uid == os.geteuid()
 
 
@@ -410,7 +412,7 @@ def _as_nobody(sock: Path, path: str) -> tuple[str, str]:
 @pytest.mark.parametrize("who", ["a", "relay"])
 def test_another_user_is_refused_by_the_control_socket(site: Site, who: str) -> None:
     sock = site.a.socket if who == "a" else site.relay_socket
-    # 0600: the kernel refuses the connection itself.
+    # 0660, and nobody is neither the owner nor in the group: the kernel refuses it.
     assert _as_nobody(sock, "/v1/status") == ("denied", "")
     sock.chmod(0o666)  # someone widened it: the peer check still holds
     try:
@@ -421,7 +423,7 @@ def test_another_user_is_refused_by_the_control_socket(site: Site, who: str) -> 
             assert status == 403 and f"uid {NOBODY}" in body.decode()
             assert "connected" not in body.decode() and "tunneld_" not in body.decode()
     finally:
-        sock.chmod(0o600)
+        sock.chmod(0o660)
     assert control_json(sock, "/v1/status")["version"]  # the owner still gets in
 
 

@@ -20,9 +20,13 @@ def test_demo_check_runs_the_printed_curl() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "curl -sS --cacert" in result.stdout
-    body = result.stdout.strip().splitlines()[-1]
+    # It never waits for Ctrl-C, and it ends with one line: what it checked, and its status.
+    assert "Press Ctrl-C" not in result.stdout
+    *before, body, last = result.stdout.strip().splitlines()
     echoed = json.loads(body)
     assert echoed["path"] == "/headers"
+    assert last.startswith("demo check passed: GET https://home.demo.test/headers by curl")
+    assert "X-Forwarded-For 127.0.0.1" in last and last.endswith("; exit status 0")
     assert "Traceback" not in result.stderr
 
 

@@ -171,7 +171,6 @@ def test_status_exit_codes(world: World) -> None:
         ("hostname", "hostname_not_allowed"),
         ("revoked", "revoked"),
         ("blocked", "version_blocked"),
-        ("garbage", "bad_token"),
     ],
 )
 def test_token_refusals_are_shown_to_the_user(world: World, case: str, reason: str) -> None:
@@ -198,8 +197,6 @@ def test_token_refusals_are_shown_to_the_user(world: World, case: str, reason: s
     elif case == "blocked":
         world.relay.stop()
         world.start_relay(port=world.relay_port, blocked_versions=["<999"])
-    elif case == "garbage":
-        token = "tunneld1.not-a-token"
     world.start_home(token=token, wait_connected=False)
     st = wait_for(
         lambda: (s := world.status(world.home_config, world.home)) and s["last_error"] and s,
@@ -212,6 +209,16 @@ def test_token_refusals_are_shown_to_the_user(world: World, case: str, reason: s
     assert token not in json.dumps(st)
     assert token not in world.home.log()
     assert token not in world.relay.log()
+
+
+def test_a_token_that_does_not_decode_stops_run_at_once(world: World) -> None:
+    # Not a retry loop against the relay (issue 22): one line naming the key, exit 2.
+    world.write_relay_config()
+    world.write_home_config(token="tunneld1.not-a-token")
+    result = tunneld("run", "-c", str(world.home_config), timeout=20)
+    assert result.returncode == 2, result
+    assert f"{world.home_config}: [relay] token: the token is not a tunneld token" in result.stderr
+    assert "tunneld1.not-a-token" not in result.stderr
 
 
 def test_plain_websocket_transport_when_the_relay_disables_raw(world: World) -> None:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-from tunneld.config import HomeConfig
+from tunneld.config import LETSENCRYPT_TERMS, HomeConfig
 from tunneld.errors import ConfigError, KeyFileError
 from tunneld.pki import (
     CertificateInfo,
@@ -125,14 +125,30 @@ class CertificateStore:
             self.key_path = state / "private_key.pem"
             self.managed = True
         self.hostnames = tls.hostnames
-        self.acme_enabled = self.managed and config.acme.enabled
+        # ACME runs only once the CA's terms are agreed to; until then, status says why.
+        self.acme_enabled = self.managed and config.acme.enabled and config.acme.agree_tos
+        self.acme_waiting_for_consent = (
+            self.managed and config.acme.enabled and not config.acme.agree_tos
+        )
+        self.acme_directory = config.acme.directory
         self.renew_before = config.acme.renew_before
         self.context: ssl.SSLContext | None = None
         self.info: CertificateInfo | None = None
         self.self_signed = False
         self.key_kind: str | None = None
-        self.renewal = RenewalStatus(state="idle" if self.acme_enabled else "disabled")
+        self.renewal = RenewalStatus(
+            state="idle" if self.acme_enabled else "disabled",
+            reason=self.consent_warning() if self.acme_waiting_for_consent else None,
+        )
         self._challenges: dict[str, ssl.SSLContext] = {}
+
+    def consent_warning(self) -> str:
+        return (
+            f"ACME is off: [acme] agree_tos is false, so no certificate is ordered from "
+            f"{self.acme_directory} and clients see the self-signed one. Read the CA's terms "
+            f"(Let's Encrypt: {LETSENCRYPT_TERMS}), then set [acme] agree_tos = true "
+            "(or write the config with `tunneld init --agree-tos`) and reload"
+        )
 
     # -- per handshake ----------------------------------------------------------------
 
@@ -233,6 +249,12 @@ class CertificateStore:
             return None
         out = certificate_facts(self.info, self.self_signed, time.time())
         out["managed"] = "acme" if self.acme_enabled else "bootstrap" if self.managed else "files"
+        if self.acme_waiting_for_consent:
+            out["renewal"] = {
+                "state": "disabled",
+                "reason": self.consent_warning(),
+                "last_error": None,
+            }
         if self.acme_enabled:
             r = self.renewal
             out["renewal"] = {
@@ -256,6 +278,8 @@ class CertificateStore:
         left = self.info.not_after.timestamp() - now
         names = ", ".join(self.info.sans)
         out: list[str] = []
+        if self.acme_waiting_for_consent:
+            out.append(self.consent_warning())
         if left <= 0:
             out.append(f"the certificate for {names} expired at {_iso(self.info.not_after)}")
         r = self.renewal

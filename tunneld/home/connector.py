@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import trio
 
 from tunneld import __version__
-from tunneld.config import HomeConfig
+from tunneld.checks import client_context
+from tunneld.config import HomeConfig, format_listen, split_connect_to
 from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.home.bans import BanList
 from tunneld.transport.channel import ChannelClosed, open_channel
@@ -75,13 +76,6 @@ class ConnectorState:
         return inn, out
 
 
-def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    return ctx
-
-
 class Connector:
     def __init__(
         self, config: HomeConfig, handler: StreamHandler, bans: BanSource | None = None
@@ -101,16 +95,22 @@ class Connector:
         self._wake = trio.Event()  # ends a reconnect delay early
 
     def reconfigure(self, config: HomeConfig) -> None:
-        """Use `config` from the next connection attempt on (reload); raises (and changes
-        nothing) if the new relay CA file cannot be loaded."""
+        """Use `config` from the next connection attempt on (reload); raises ConfigError
+        naming `[relay] ca_file` (and changes nothing) if the new CA file cannot be loaded."""
         url = urlsplit(config.relay.url)
         secure = url.scheme == "wss"
-        ca_file = config.relay.ca_file
-        context = client_ssl_context(str(ca_file) if ca_file else None) if secure else None
+        label = f"{config.path}: [relay] ca_file"
+        context = client_context(label, config.relay.ca_file) if secure else None
         self.config, self.cfg = config, config.relay
         self._host = url.hostname or ""
         self._secure = secure
         self._port = url.port or (443 if secure else 80)
+        # Where to dial: `connect_to` (host, or host:port) replaces the URL's host and port
+        # for the TCP connection only; TLS and the handshake still use the URL's name.
+        if config.relay.connect_to:
+            self._dial = split_connect_to(config.relay.connect_to, self._port)
+        else:
+            self._dial = (self._host, self._port)
         self._path = url.path or TUNNEL_PATH
         self._ssl: ssl.SSLContext | None = context
 
@@ -197,6 +197,14 @@ class Connector:
             ("User-Agent", f"tunneld/{__version__}"),
         ]
 
+    def _target(self) -> str:
+        """The address dialed, as errors name it: the URL's host and port, or with
+        `connect_to` the address really dialed and, in brackets, the name TLS checks."""
+        url_target = format_listen((self._host, self._port))
+        if not self.cfg.connect_to:
+            return url_target
+        return f"{format_listen(self._dial)} ({url_target})"
+
     async def _session(self, outcome: SessionOutcome) -> None:
         try:
             try:
@@ -207,13 +215,11 @@ class Connector:
             outcome.refused = exc
             outcome.error = str(exc)
         except ChannelClosed as exc:
-            outcome.error = f"connection to {self._host}:{self._port} failed: {exc}"
+            outcome.error = f"connection to {self._target()} failed: {exc}"
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            outcome.error = f"connection to {self._host}:{self._port} failed: {_cause(exc)}"
+            outcome.error = f"connection to {self._target()} failed: {_cause(exc)}"
         except trio.TooSlowError:
-            outcome.error = (
-                f"no answer from {self._host}:{self._port} within {self.cfg.connect_timeout:g}s"
-            )
+            outcome.error = f"no answer from {self._target()} within {self.cfg.connect_timeout:g}s"
         except ProtocolError as exc:
             outcome.error = f"protocol error: {exc}"
         finally:
@@ -229,11 +235,14 @@ class Connector:
         # Resolved afresh on every attempt (open_tcp_stream), so a relay that
         # moved is found again; `connect_to` overrides the address only, TLS
         # still verifies the URL's name.
-        address = self.cfg.connect_to or self._host
-        log.info("connecting to %s", self.cfg.url)
+        address, port = self._dial
+        log.info(
+            "connecting to %s",
+            self.cfg.url + (f" at {self._target()}" if self.cfg.connect_to else ""),
+        )
         timeout = self.cfg.connect_timeout
         with trio.fail_after(timeout):
-            tcp = raw_stream(await trio.open_tcp_stream(address, self._port), unsent=SESSION_UNSENT)
+            tcp = raw_stream(await trio.open_tcp_stream(address, port), unsent=SESSION_UNSENT)
         stream: trio.abc.Stream = tcp
         try:
             if self._ssl is not None:

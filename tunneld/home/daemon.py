@@ -12,7 +12,13 @@ import trio
 
 from tunneld import __version__
 from tunneld.config import HomeConfig
-from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
+from tunneld.control import (
+    SOCKET_MODE,
+    ControlRequest,
+    ControlResponse,
+    Router,
+    serve_control,
+)
 from tunneld.errors import first_error
 from tunneld.home.acme import AcmeManager
 from tunneld.home.banctl import add_ban_routes
@@ -64,7 +70,9 @@ class Daemon:
             router.add("GET", "/v1/status", self._status_endpoint)
             router.add("GET", "/metrics", metrics_endpoint(self.metrics))
             add_ban_routes(router, self.watchdog)
-            await root.start(serve_control, self.config.daemon.control_socket, router)
+            await root.start(
+                partial(serve_control, mode=SOCKET_MODE), self.config.daemon.control_socket, router
+            )
             # Bans load once the socket listens (offline `tunneld bans` relies on
             # that order) and before the first session, which gets the full list.
             await root.start(self.bans.run)

@@ -19,7 +19,6 @@ new config is handed to each component, which reads it at use time:
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import TYPE_CHECKING
 
 import trio
@@ -88,8 +87,8 @@ async def reload_daemon(daemon: Daemon) -> bool:
                 return False
         try:
             daemon.connector.reconfigure(new)
-        except (OSError, ssl.SSLError) as exc:
-            log_failure(settings, f"{new.path}: [relay] ca_file: cannot load: {exc}")
+        except ConfigError as exc:  # names [relay] ca_file
+            log_failure(settings, str(exc))
             return False
 
         # Nothing below can fail.

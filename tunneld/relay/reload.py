@@ -11,12 +11,11 @@ a restart: they keep their running values and are named in the log.
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import TYPE_CHECKING, Any
 
-from tunneld.config import RelaySection
+from tunneld.checks import relay_tls
 from tunneld.errors import ConfigError, KeyFileError
-from tunneld.pki import CertificateInfo, certificate_info
+from tunneld.pki import CertificateInfo
 from tunneld.reload import (
     load_new,
     log_failure,
@@ -30,7 +29,7 @@ from tunneld.tokens import load_public_keys
 if TYPE_CHECKING:
     from tunneld.relay.server import Relay
 
-__all__ = ["RESTART_ONLY", "certificate_status", "load_tls", "reload_relay"]
+__all__ = ["RESTART_ONLY", "certificate_status", "reload_relay"]
 
 log = logging.getLogger("tunneld.reload")
 
@@ -41,14 +40,6 @@ RESTART_ONLY = (
     ("relay", "control_socket"),
     ("relay", "metrics_listen"),
 )
-
-
-def load_tls(cfg: RelaySection) -> tuple[ssl.SSLContext, CertificateInfo]:
-    """The relay's own server context and its certificate's facts (blocking file reads)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(cfg.certificate), str(cfg.private_key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx, certificate_info(cfg.certificate.read_bytes())
 
 
 def certificate_status(info: CertificateInfo, now: float) -> dict[str, Any]:
@@ -71,12 +62,7 @@ async def reload_relay(relay: Relay) -> bool:
             result = plan(settings, load_new(settings), RESTART_ONLY)
             cfg = result.config.relay
             label = f"{result.config.path}: [relay]"
-            try:
-                context, info = load_tls(cfg)
-            except (OSError, ssl.SSLError, KeyFileError) as exc:
-                raise ConfigError(
-                    f"{label} certificate / private_key: cannot load: {exc}"
-                ) from None
+            context, info = relay_tls(result.config)  # ConfigError naming the key
             try:
                 keys = load_public_keys(cfg.token_public_key)
             except KeyFileError as exc:

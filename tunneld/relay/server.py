@@ -19,15 +19,22 @@ import trio_websocket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tunneld import __version__
-from tunneld.config import RelayConfig, RelaySection
-from tunneld.control import ControlRequest, ControlResponse, Router, serve_control
-from tunneld.errors import ProtocolError, TokenError, first_error
+from tunneld.checks import relay_tls
+from tunneld.config import RelayConfig, RelaySection, format_listen
+from tunneld.control import (
+    SOCKET_MODE,
+    ControlRequest,
+    ControlResponse,
+    Router,
+    serve_control,
+)
+from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError, first_error
 from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
 from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
-from tunneld.relay.reload import certificate_status, load_tls, reload_relay
+from tunneld.relay.reload import certificate_status, reload_relay
 from tunneld.reload import Settings
 from tunneld.systemd import notify, run_watchdog
 from tunneld.tokens import (
@@ -94,8 +101,11 @@ class Relay:
         self.started_at = time.time()
         self._per_ip: Counter[str] = Counter()
         self._rate = ConnectionRate(self.cfg.connections_per_ip_per_second)
-        self._public_keys = load_public_keys(self.cfg.token_public_key)
-        self._ssl, self.certificate = load_tls(self.cfg)
+        try:
+            self._public_keys = load_public_keys(self.cfg.token_public_key)
+        except KeyFileError as exc:
+            raise ConfigError(f"{config.path}: [relay] token_public_key: {exc}") from None
+        self._ssl, self.certificate = relay_tls(config)
         self._stop = trio.Event()
         self.listening: list[tuple[str, int]] = []
         self.metrics = make_registry(RelayCollector(self.status))
@@ -124,6 +134,18 @@ class Relay:
     def stop(self) -> None:
         self._stop.set()
 
+    async def _open_listeners(self, key: str, host: str, port: int) -> list[trio.SocketListener]:
+        """TCP listeners for one `[relay] listen` / `http_listen` entry; a refusal (the port
+        taken, an address this host does not have, a privileged port) is a ConfigError
+        naming the address and the key."""
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.config.path}: [relay] {key}: cannot listen on "
+                f"{format_listen((host, port))}: {exc.strerror or exc}"
+            ) from None
+
     # -- top level -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
@@ -136,7 +158,9 @@ class Relay:
                     with listener_scope:
                         async with trio.open_nursery() as lst:
                             await lst.start(
-                                serve_control, self.cfg.control_socket, self._control_router()
+                                partial(serve_control, mode=SOCKET_MODE),
+                                self.cfg.control_socket,
+                                self._control_router(),
                             )
                             if self.cfg.metrics_listen is not None:
                                 self.metrics_listening = await lst.start(
@@ -148,7 +172,7 @@ class Relay:
                                     self.metrics,
                                 )
                             for host, port in self.cfg.listen:
-                                listeners = await trio.open_tcp_listeners(port, host=host)
+                                listeners = await self._open_listeners("listen", host, port)
                                 for listener in listeners:
                                     sock = listener.socket
                                     self.listening.append(sock.getsockname()[:2])
@@ -160,7 +184,7 @@ class Relay:
                                     listeners,
                                 )
                             for host, port in self.cfg.http_listen:
-                                listeners = await trio.open_tcp_listeners(port, host=host)
+                                listeners = await self._open_listeners("http_listen", host, port)
                                 # Connections live in `conns`, so closing the
                                 # listeners at shutdown leaves them draining.
                                 await lst.start(
