@@ -167,6 +167,10 @@ class World:
     # Extra daemon config, {"table": {"key": value}}, for experiments (the bench uses defaults).
     home_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     relay_extra: dict[str, Any] = field(default_factory=dict)
+    # bench.wan arguments (delay, rate, buffer): the daemon then reaches the relay
+    # through that emulated link instead of straight over loopback.
+    wan: tuple[str, ...] = ()
+    wan_port: int = 0
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -189,6 +193,7 @@ class World:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 args,
+                cwd=Path(__file__).resolve().parent.parent,  # bench.* runs as modules too
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -256,6 +261,23 @@ class World:
         )
         self.relay_port = int(status[0].rsplit(":", 1)[1])
 
+    def start_wan(self) -> None:
+        """bench.wan between the daemon and the relay (it prints its port first)."""
+        proc = self.spawn(
+            "wan",
+            [PY, "-m", "bench.wan", "--target", f"127.0.0.1:{self.relay_port}", *self.wan],
+        )
+
+        def listening() -> str | None:
+            if not proc.alive():
+                raise RuntimeError(f"bench.wan exited:\n{proc.log_tail()}")
+            for line in proc.log_path.read_text().splitlines():
+                if line.startswith("LISTENING "):
+                    return line
+            return None
+
+        self.wan_port = int(wait_for(listening, 20, "bench.wan").rsplit(":", 1)[1])
+
     def start_home(self) -> None:
         issued = self.tunneld(
             "token", "issue", "-c", str(self.relay_config), "--hostname", HOME_HOST, "--ttl", "1d"
@@ -264,7 +286,9 @@ class World:
             raise RuntimeError(f"tunneld token issue failed: {issued.stderr}")
         cfg: dict[str, dict[str, Any]] = {
             "relay": {
-                "url": f"wss://{RELAY_HOST}:{self.relay_port}/v1/tunnel",
+                # connect_to takes an address only, so the URL carries the port: the
+                # link emulator's when there is one (TLS still checks RELAY_HOST).
+                "url": f"wss://{RELAY_HOST}:{self.wan_port or self.relay_port}/v1/tunnel",
                 "token": issued.stdout.strip(),
                 "ca_file": str(self.ca_file),
                 "connect_to": "127.0.0.1",
@@ -301,6 +325,8 @@ class World:
             str(self.root / "direct.key"),
         )
         self.start_relay()
+        if self.wan:
+            self.start_wan()
         self.start_home()
 
     def stop_all(self) -> None:
