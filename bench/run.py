@@ -6,7 +6,10 @@ its baseline measured in the same run: a demo app terminating TLS itself. Prints
 a table and one line `RESULT {json}`. `--profile` also samples the relay and the
 daemon with py-spy during a bulk download (bench/profile.py). The `wan` figures run in
 worlds of their own, one per link, with bench/wan.py between daemon and relay
-(bench/wanfigures.py). `--home-set`/`--relay-set` change the tunnel's config for A/B runs.
+(bench/wanfigures.py); `snitun` puts tunneld beside SniTun 0.47 and direct TLS with the
+same aiohttp app behind each (bench/snitunfigures.py; SniTun's Python 3.13 venv is made
+on first use, bench/snitunenv.py). `--home-set`/`--relay-set` change the tunnel's config
+for A/B runs.
 See bench/RESULTS.md.
 """
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import profile, wanfigures
+from bench import profile, snitunenv, snitunfigures, wanfigures
 from bench.client import Target, connect, get
 from bench.world import PY, CpuSampler, World, raise_nofile, rss_kib, wait_for
 from tunneld.demoapp import pattern_sha256
@@ -39,7 +42,7 @@ from tunneld.demoapp import pattern_sha256
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"bulk": 0.15, "rate": 0.50, "fairness": 3.0, "memory_kib": 64.0, "ws": 2.0}
-FIGURES = ("memory", "bulk", "rate", "fairness", "ws", "wan")
+FIGURES = ("memory", "bulk", "rate", "fairness", "ws", "snitun", "wan")
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,9 @@ def running(
         if configure is not None:
             configure(world)
         world.start_all()
-        sanity(world)
         if setup is not None:
             setup(world)
+        sanity(world)
         sampler = CpuSampler(world.pids())
         sampler.start()
         yield world, clients, sampler
@@ -205,10 +208,13 @@ def running(
 
 
 def sanity(world: World) -> None:
-    """Both paths answer correctly before anything is timed."""
+    """Every path answers correctly before anything is timed."""
     n = 3 * MIB + 7
-    for tunnel in (True, False):
-        target = Target.from_spec(world.target(tunnel))
+    specs = [world.target(True), world.target(False)]
+    if world.snitun_port:
+        specs.append({**world.target(True), **world.snitun_target()})
+    for spec in specs:
+        target = Target.from_spec(spec)
         view = memoryview(bytearray(256 * 1024))
         with connect(target, target.context()) as sock:
             _, small = get(sock, target, "/small", view)
@@ -518,8 +524,10 @@ def measure_wan(
     keep: bool,
     configure: Callable[[World], None],
     step: Callable[[str], None],
+    snitun_python: str = "",
 ) -> list[dict[str, Any]]:
-    """The WAN figures, one world per link (bench/wan.py between daemon and relay)."""
+    """The WAN figures, one world per link (bench/wan.py between daemon and relay), and
+    with `snitun_python` SniTun's rows too (its own bench/wan.py, the same link)."""
     s = wanfigures.WAN_QUICK if quick else wanfigures.WAN_FULL
     out = []
     for link in links:
@@ -528,12 +536,44 @@ def measure_wan(
             configure(world)
             world.wan = link.args()
 
+        def with_snitun(world: World, link: wanfigures.Link = link) -> None:
+            world.start_snitun(snitun_python, wan=link.args())
+
         step(f"wan: {link.label}")
         with running(
-            f"wan ({link.label})", "tunneld-bench-wan-", keep=keep, configure=with_link
+            f"wan ({link.label})",
+            "tunneld-bench-wan-",
+            keep=keep,
+            configure=with_link,
+            setup=with_snitun if snitun_python else None,
         ) as (world, clients, _):
             out.append(wanfigures.measure_link(world, clients, link, s))
+            if snitun_python:
+                step(f"wan: {link.label}, SniTun")
+                one = dataclasses.replace(s, streams=0)
+                r = wanfigures.measure_link(world, clients, link, one, world.snitun_target())
+                out.append({**r, "side": "SniTun 0.47"})
     return out
+
+
+def measure_snitun(
+    python: str, quick: bool, keep: bool, configure: Callable[[World], None]
+) -> dict[str, Any]:
+    """tunneld, SniTun and direct TLS with the same aiohttp app, in one world."""
+    s = snitunfigures.SNITUN_QUICK if quick else snitunfigures.SNITUN_FULL
+
+    def with_aiohttp(world: World) -> None:
+        configure(world)
+        world.aiohttp_python = python
+
+    with running(
+        "snitun",
+        "tunneld-bench-snitun-",
+        keep=keep,
+        configure=with_aiohttp,
+        setup=lambda world: world.start_snitun(python),
+    ) as (world, clients, sampler):
+        return snitunfigures.measure(world, clients, sampler, s)
 
 
 # ---------------------------------------------------------------------------
@@ -759,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RTT_MS/MBIT[/BUFFER_KIB]",
         help="the links of the wan figures (default: 50/100/512 and 100/40/512)",
     )
+    parser.add_argument(
+        "--no-snitun", action="store_true", help="leave SniTun out (the snitun figure, WAN rows)"
+    )
     args = parser.parse_args(argv)
     only: tuple[str, ...] = args.only
     links: tuple[wanfigures.Link, ...] = tuple(args.wan_link or wanfigures.LINKS)
@@ -786,7 +829,14 @@ def main(argv: list[str] | None = None) -> int:
     def step(name: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
 
-    loopback = [f for f in only if f != "wan"]
+    loopback = [f for f in only if f not in ("wan", "snitun")]
+    snitun_python = ""
+    if ("snitun" in only or "wan" in only) and not args.no_snitun:
+        step("the SniTun venv")
+        snitun_python, why = snitunenv.ensure()
+        if not snitun_python:
+            print(f"SniTun left out: {why}", file=sys.stderr, flush=True)
+            results["snitun_skipped"] = why
     with contextlib.ExitStack() as stack:
         if loopback or args.profile:
             world, clients, sampler = stack.enter_context(
@@ -810,14 +860,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             step("profile")
             results["profile"] = run_profile(world, clients, s, args.profile_dir)
+    if "snitun" in only and snitun_python:
+        step("SniTun beside tunneld and direct TLS")
+        results["snitun"] = measure_snitun(snitun_python, args.quick, args.keep, configure)
     if "wan" in only:
-        results["wan"] = measure_wan(links, args.quick, args.keep, configure, step)
+        results["wan"] = measure_wan(
+            links, args.quick, args.keep, configure, step, snitun_python or ""
+        )
     results["seconds"] = round(time.monotonic() - started, 1)
     results["loadavg_after"] = round(os.getloadavg()[0], 2)
     if loopback:
         print(table(results))
+    if results.get("snitun"):
+        print(("\n" if loopback else "") + snitunfigures.table(results["snitun"]))
     if "wan" in only:
         print(("\n" if loopback else "") + wanfigures.table(results["wan"]))
+    if results.get("snitun_skipped"):
+        print(f"SniTun left out: {results['snitun_skipped']}")
     print("RESULT " + json.dumps(results, sort_keys=True), flush=True)
     return 0
 
