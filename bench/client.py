@@ -221,6 +221,45 @@ def run_download(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_stream(spec: dict[str, Any]) -> dict[str, Any]:
+    """One GET /bytes?n=SIZE (larger than the window needs), counted from wall-clock
+    `start_at` for `duration` seconds, then dropped: several of these started together
+    measure how they share a link over the same window. Bytes per second of the window
+    in `timeline`."""
+    target = Target.from_spec(spec)
+    duration = float(spec["duration"])
+    view = memoryview(bytearray(RECV))
+    with connect(target, target.context()) as sock:
+        if spec.get("ready_file"):
+            Path(spec["ready_file"]).write_text("1")
+        time.sleep(max(0.0, float(spec.get("start_at", 0)) - time.time()))
+        cpu0, wall0, t0 = cpu_seconds(), time.time(), time.monotonic()
+        sock.sendall(target.request(f"/bytes?n={int(spec['size'])}"))
+        sock.settimeout(1.0)
+        timeline = [0] * max(1, int(duration + 0.999))
+        total = 0
+        while (now := time.monotonic() - t0) < duration:
+            try:
+                n = sock.recv_into(view)
+            except TimeoutError:
+                continue
+            if not n:
+                raise BenchError(f"connection closed after {total} bytes")
+            total += n  # the response head too: a few hundred bytes in megabytes
+            timeline[min(int(now), len(timeline) - 1)] += n
+        seconds = time.monotonic() - t0
+        cpu = cpu_seconds() - cpu0
+    return {
+        "bytes": total,
+        "seconds": seconds,
+        "mbps": total / seconds / 1e6,
+        "timeline": timeline,
+        "t0": wall0,
+        "t1": wall0 + seconds,
+        "cpu": cpu,
+    }
+
+
 @dataclass
 class _Conn:
     sock: ssl.SSLSocket
@@ -303,16 +342,26 @@ def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
                         c.sock.send(request)
         cpu = cpu_seconds() - cpu0
         seconds = time.time() - wall0
+        # Requests still waiting at the end, sent inside the window: with `count_unfinished`
+        # those older than every completed one count with their age so far (a lower
+        # bound), so a stalled path shows in the percentiles instead of vanishing.
+        end = time.monotonic()
+        waiting = [end - c.sent_at for c in conns if not c.due and c.sent_at >= m0]
     finally:
         sel.close()
         for c in conns:
             c.sock.close()
+    completed = len(latencies)
+    stalled = [age for age in waiting if age > max(latencies, default=0.0)]
+    if spec.get("count_unfinished"):
+        latencies += stalled
     if not latencies:
         raise BenchError("no response completed in the measured window")
     _save_latencies(spec, latencies)
     return {
         "conns": conns_n,
-        "requests": len(latencies),
+        "requests": completed,
+        "unfinished": len(stalled),  # waiting at the end, older than any completed one
         **_closed_loop_figures(latencies, seconds, wall0, cpu),
         "errors": errors,
         "cipher": cipher[0] if cipher else None,
@@ -618,7 +667,13 @@ def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
     return {"conns": len(socks), "handshake_seconds": opened}
 
 
-MODES = {"download": run_download, "rate": run_rate, "hold": run_hold, "ws": run_ws}
+MODES = {
+    "download": run_download,
+    "stream": run_stream,
+    "rate": run_rate,
+    "hold": run_hold,
+    "ws": run_ws,
+}
 
 
 def main(argv: list[str]) -> int:

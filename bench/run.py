@@ -4,7 +4,13 @@ Starts a real relay, daemon and demo app on loopback (bench/world.py), drives th
 from separate client processes (bench/client.py) and compares each figure with
 its baseline measured in the same run: a demo app terminating TLS itself. Prints
 a table and one line `RESULT {json}`. `--profile` also samples the relay and the
-daemon with py-spy during a bulk download (bench/profile.py). See bench/RESULTS.md.
+daemon with py-spy during a bulk download (bench/profile.py). The `wan` figures run in
+worlds of their own, one per link, with bench/wan.py between daemon and relay
+(bench/wanfigures.py); `snitun` puts tunneld beside SniTun 0.47 and direct TLS with the
+same aiohttp app behind each (bench/snitunfigures.py; SniTun's Python 3.13 venv is made
+on first use, bench/snitunenv.py). `--home-set`/`--relay-set` change the tunnel's config
+for A/B runs.
+See bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import profile
+from bench import profile, snitunenv, snitunfigures, wanfigures
 from bench.client import Target, connect, get
 from bench.world import PY, CpuSampler, World, raise_nofile, rss_kib, wait_for
 from tunneld.demoapp import pattern_sha256
@@ -35,7 +42,7 @@ from tunneld.demoapp import pattern_sha256
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"bulk": 0.15, "rate": 0.50, "fairness": 3.0, "memory_kib": 64.0, "ws": 2.0}
-FIGURES = ("memory", "bulk", "rate", "fairness", "ws")
+FIGURES = ("memory", "bulk", "rate", "fairness", "ws", "snitun", "wan")
 
 
 @dataclass(frozen=True)
@@ -156,10 +163,16 @@ class Clients:
 
 @contextlib.contextmanager
 def running(
-    what: str, prefix: str, *, keep: bool = False, setup: Callable[[World], None] | None = None
+    what: str,
+    prefix: str,
+    *,
+    keep: bool = False,
+    setup: Callable[[World], None] | None = None,
+    configure: Callable[[World], None] | None = None,
 ) -> Iterator[tuple[World, Clients, CpuSampler]]:
     """A started world whose paths answer correctly, its clients and a CPU sampler over
-    every process (`setup` may start more first). Everything is stopped on the way out,
+    every process (`configure` may set the world's options before it starts, `setup` may
+    start more processes after). Everything is stopped on the way out,
     and the work folder removed unless `keep`. A failure (a process gone, a wait timed
     out) prints what failed and each process's log tail, and exits 1."""
     raise_nofile()
@@ -168,10 +181,12 @@ def running(
     clients = Clients(world)
     sampler: CpuSampler | None = None
     try:
+        if configure is not None:
+            configure(world)
         world.start_all()
-        sanity(world)
         if setup is not None:
             setup(world)
+        sanity(world)
         sampler = CpuSampler(world.pids())
         sampler.start()
         yield world, clients, sampler
@@ -193,10 +208,13 @@ def running(
 
 
 def sanity(world: World) -> None:
-    """Both paths answer correctly before anything is timed."""
+    """Every path answers correctly before anything is timed."""
     n = 3 * MIB + 7
-    for tunnel in (True, False):
-        target = Target.from_spec(world.target(tunnel))
+    specs = [world.target(True), world.target(False)]
+    if world.snitun_port:
+        specs.append({**world.target(True), **world.snitun_target()})
+    for spec in specs:
+        target = Target.from_spec(spec)
         view = memoryview(bytearray(256 * 1024))
         with connect(target, target.context()) as sock:
             _, small = get(sock, target, "/small", view)
@@ -500,6 +518,64 @@ def run_profile(world: World, clients: Clients, s: Settings, out_dir: Path) -> d
     return out
 
 
+def measure_wan(
+    links: tuple[wanfigures.Link, ...],
+    quick: bool,
+    keep: bool,
+    configure: Callable[[World], None],
+    step: Callable[[str], None],
+    snitun_python: str = "",
+) -> list[dict[str, Any]]:
+    """The WAN figures, one world per link (bench/wan.py between daemon and relay), and
+    with `snitun_python` SniTun's rows too (its own bench/wan.py, the same link)."""
+    s = wanfigures.WAN_QUICK if quick else wanfigures.WAN_FULL
+    out = []
+    for link in links:
+
+        def with_link(world: World, link: wanfigures.Link = link) -> None:
+            configure(world)
+            world.wan = link.args()
+
+        def with_snitun(world: World, link: wanfigures.Link = link) -> None:
+            world.start_snitun(snitun_python, wan=link.args())
+
+        step(f"wan: {link.label}")
+        with running(
+            f"wan ({link.label})",
+            "tunneld-bench-wan-",
+            keep=keep,
+            configure=with_link,
+            setup=with_snitun if snitun_python else None,
+        ) as (world, clients, _):
+            out.append(wanfigures.measure_link(world, clients, link, s))
+            if snitun_python:
+                step(f"wan: {link.label}, SniTun")
+                one = dataclasses.replace(s, streams=0)
+                r = wanfigures.measure_link(world, clients, link, one, world.snitun_target())
+                out.append({**r, "side": "SniTun 0.47"})
+    return out
+
+
+def measure_snitun(
+    python: str, quick: bool, keep: bool, configure: Callable[[World], None]
+) -> dict[str, Any]:
+    """tunneld, SniTun and direct TLS with the same aiohttp app, in one world."""
+    s = snitunfigures.SNITUN_QUICK if quick else snitunfigures.SNITUN_FULL
+
+    def with_aiohttp(world: World) -> None:
+        configure(world)
+        world.aiohttp_python = python
+
+    with running(
+        "snitun",
+        "tunneld-bench-snitun-",
+        keep=keep,
+        configure=with_aiohttp,
+        setup=lambda world: world.start_snitun(python),
+    ) as (world, clients, sampler):
+        return snitunfigures.measure(world, clients, sampler, s)
+
+
 # ---------------------------------------------------------------------------
 # Output
 
@@ -634,6 +710,38 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _toml_value(text: str) -> Any:
+    """A TOML value (1048576, "4MiB", true, 1.5); anything else is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _home_setting(value: str) -> tuple[str, str, Any]:
+    """TABLE.KEY=VALUE for the daemon's config, e.g. daemon.stream_window=4194304."""
+    key, sep, text = value.partition("=")
+    table, dot, name = key.strip().partition(".")
+    if not sep or not dot or not table or not name:
+        raise argparse.ArgumentTypeError(f"expected TABLE.KEY=VALUE, got {value!r}")
+    return table, name, _toml_value(text.strip())
+
+
+def _relay_setting(value: str) -> tuple[str, Any]:
+    """KEY=VALUE for the relay's [relay] table, e.g. stream_window=4194304."""
+    key, sep, text = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key.strip(), _toml_value(text.strip())
+
+
+def _wan_link(value: str) -> wanfigures.Link:
+    try:
+        return wanfigures.Link.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _figures(value: str) -> tuple[str, ...]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = sorted(set(names) - set(FIGURES))
@@ -668,8 +776,41 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help=f"WebSocket connections in flight (default {FULL.ws_conns}; the target is set at 10)",
     )
+    parser.add_argument(
+        "--home-set",
+        type=_home_setting,
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="a daemon config value for every world, e.g. daemon.stream_window=4194304",
+    )
+    parser.add_argument(
+        "--relay-set",
+        type=_relay_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a relay config value ([relay] table) for every world",
+    )
+    parser.add_argument(
+        "--wan-link",
+        type=_wan_link,
+        action="append",
+        metavar="RTT_MS/MBIT[/BUFFER_KIB]",
+        help="the links of the wan figures (default: 50/100/512 and 100/40/512)",
+    )
+    parser.add_argument(
+        "--no-snitun", action="store_true", help="leave SniTun out (the snitun figure, WAN rows)"
+    )
     args = parser.parse_args(argv)
     only: tuple[str, ...] = args.only
+    links: tuple[wanfigures.Link, ...] = tuple(args.wan_link or wanfigures.LINKS)
+
+    def configure(world: World) -> None:
+        for table, name, value in args.home_set:
+            world.home_extra.setdefault(table, {})[name] = value
+        world.relay_extra.update(dict(args.relay_set))
+
     s = QUICK if args.quick else FULL
     if args.ws_conns is not None:
         if args.ws_conns < 1:
@@ -681,12 +822,26 @@ def main(argv: list[str] | None = None) -> int:
         "only": list(only),
         "cpus": os.cpu_count(),
         "loadavg_before": round(os.getloadavg()[0], 2),
+        "home_set": [f"{t}.{k}={v!r}" for t, k, v in args.home_set],
+        "relay_set": [f"{k}={v!r}" for k, v in args.relay_set],
     }
 
     def step(name: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {name}", file=sys.stderr, flush=True)
 
-    with running("bench", "tunneld-bench-", keep=args.keep) as (world, clients, sampler):
+    loopback = [f for f in only if f not in ("wan", "snitun")]
+    snitun_python = ""
+    if ("snitun" in only or "wan" in only) and not args.no_snitun:
+        step("the SniTun venv")
+        snitun_python, why = snitunenv.ensure()
+        if not snitun_python:
+            print(f"SniTun left out: {why}", file=sys.stderr, flush=True)
+            results["snitun_skipped"] = why
+    with contextlib.ExitStack() as stack:
+        if loopback or args.profile:
+            world, clients, sampler = stack.enter_context(
+                running("bench", "tunneld-bench-", keep=args.keep, configure=configure)
+            )
         if "memory" in only:
             step("memory: idle streams")
             results["memory"] = measure_memory(world, clients, s)
@@ -705,9 +860,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             step("profile")
             results["profile"] = run_profile(world, clients, s, args.profile_dir)
+    if "snitun" in only and snitun_python:
+        step("SniTun beside tunneld and direct TLS")
+        results["snitun"] = measure_snitun(snitun_python, args.quick, args.keep, configure)
+    if "wan" in only:
+        results["wan"] = measure_wan(
+            links, args.quick, args.keep, configure, step, snitun_python or ""
+        )
     results["seconds"] = round(time.monotonic() - started, 1)
     results["loadavg_after"] = round(os.getloadavg()[0], 2)
-    print(table(results))
+    if loopback:
+        print(table(results))
+    if results.get("snitun"):
+        print(("\n" if loopback else "") + snitunfigures.table(results["snitun"]))
+    if "wan" in only:
+        print(("\n" if loopback else "") + wanfigures.table(results["wan"]))
+    if results.get("snitun_skipped"):
+        print(f"SniTun left out: {results['snitun_skipped']}")
     print("RESULT " + json.dumps(results, sort_keys=True), flush=True)
     return 0
 

@@ -33,6 +33,7 @@ from tunneld.pki import (
 )
 
 PY = sys.executable
+AIOAPP = Path(__file__).resolve().parent / "aioapp.py"
 RELAY_HOST = "relay.bench.test"
 HOME_HOST = "home.bench.test"
 # Client source addresses: per-IP limits are part of the product, not of the benchmark.
@@ -167,6 +168,14 @@ class World:
     # Extra daemon config, {"table": {"key": value}}, for experiments (the bench uses defaults).
     home_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     relay_extra: dict[str, Any] = field(default_factory=dict)
+    # bench.wan arguments (delay, rate, buffer): the daemon then reaches the relay
+    # through that emulated link instead of straight over loopback.
+    wan: tuple[str, ...] = ()
+    wan_port: int = 0
+    # The SniTun venv's python (bench/snitunenv.py): then the app behind tunneld and the
+    # direct baseline are bench/aioapp.py's aiohttp app, the one SniTun serves.
+    aiohttp_python: str = ""
+    snitun_port: int = 0
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -189,6 +198,7 @@ class World:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 args,
+                cwd=Path(__file__).resolve().parent.parent,  # bench.* runs as modules too
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -218,13 +228,59 @@ class World:
 
     def start_app(self, name: str, *tls: str) -> int:
         port_file = self.root / f"{name}.port"
-        self.spawn(
-            name,
-            [PY, "-m", "tunneld.demoapp", "--host", "127.0.0.1", "--port", "0"]
-            + ["--port-file", str(port_file), *tls],
-        )
-        wait_for(port_file.exists, 20, f"{name} port file")
+        if self.aiohttp_python:
+            role = ["direct", "--cert", tls[1], "--key", tls[3]] if tls else ["plain"]
+            self.spawn(
+                name, [self.aiohttp_python, str(AIOAPP), *role, "--port-file", str(port_file)]
+            )
+        else:
+            self.spawn(
+                name,
+                [PY, "-m", "tunneld.demoapp", "--host", "127.0.0.1", "--port", "0"]
+                + ["--port-file", str(port_file), *tls],
+            )
+        wait_for(lambda: self.started(name, port_file), 20, f"{name} port file")
         return int(port_file.read_text().strip())
+
+    def started(self, name: str, ready_file: Path) -> bool:
+        if not self.procs[name].alive():
+            raise RuntimeError(f"{name} exited:\n{self.procs[name].log_tail()}")
+        return ready_file.exists()
+
+    def start_snitun(self, python: str, wan: tuple[str, ...] = ()) -> None:
+        """SniTun as Home Assistant runs it: `SniTunServerSingle` as the relay, and the
+        aiohttp app with `SniTunClientAioHttp` at home (bench/aioapp.py), optionally with
+        bench.wan between them. `python`: the SniTun venv's (bench/snitunenv.py)."""
+        made = subprocess.run(
+            [python, str(AIOAPP), "token", "--hostname", HOME_HOST],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if made.returncode != 0:
+            raise RuntimeError(f"SniTun token: {made.stderr.strip()}")
+        token = json.loads(made.stdout)
+        token_file = self.root / "snitun-token.json"
+        token_file.write_text(json.dumps(token))
+        port_file = self.root / "snitun.port"
+        self.spawn(
+            "snitun",
+            [python, str(AIOAPP), "server", "--port-file", str(port_file)]
+            + [f"--fernet-key={token['fernet_key']}"],  # it may start with "-"
+        )
+        wait_for(lambda: self.started("snitun", port_file), 30, "the SniTun server")
+        self.snitun_port = int(port_file.read_text())
+        server_port = self.snitun_port
+        if wan:
+            server_port = self.start_wan("snitun-wan", self.snitun_port, wan)
+        ready = self.root / "snihome.ready"
+        self.spawn(
+            "snihome",
+            [python, str(AIOAPP), "home", "--server", f"127.0.0.1:{server_port}"]
+            + ["--token-file", str(token_file), "--port-file", str(ready)]
+            + ["--cert", str(self.root / "direct.crt"), "--key", str(self.root / "direct.key")],
+        )
+        wait_for(lambda: self.started("snihome", ready), 60, "the SniTun client to connect")
 
     def start_relay(self) -> None:
         relay = {
@@ -256,6 +312,22 @@ class World:
         )
         self.relay_port = int(status[0].rsplit(":", 1)[1])
 
+    def start_wan(self, name: str, target_port: int, args: tuple[str, ...]) -> int:
+        """bench.wan in front of `target_port`; its port (it prints it first)."""
+        proc = self.spawn(
+            name, [PY, "-m", "bench.wan", "--target", f"127.0.0.1:{target_port}", *args]
+        )
+
+        def listening() -> str | None:
+            if not proc.alive():
+                raise RuntimeError(f"bench.wan exited:\n{proc.log_tail()}")
+            for line in proc.log_path.read_text().splitlines():
+                if line.startswith("LISTENING "):
+                    return line
+            return None
+
+        return int(wait_for(listening, 20, "bench.wan").rsplit(":", 1)[1])
+
     def start_home(self) -> None:
         issued = self.tunneld(
             "token", "issue", "-c", str(self.relay_config), "--hostname", HOME_HOST, "--ttl", "1d"
@@ -264,7 +336,9 @@ class World:
             raise RuntimeError(f"tunneld token issue failed: {issued.stderr}")
         cfg: dict[str, dict[str, Any]] = {
             "relay": {
-                "url": f"wss://{RELAY_HOST}:{self.relay_port}/v1/tunnel",
+                # connect_to takes an address only, so the URL carries the port: the
+                # link emulator's when there is one (TLS still checks RELAY_HOST).
+                "url": f"wss://{RELAY_HOST}:{self.wan_port or self.relay_port}/v1/tunnel",
                 "token": issued.stdout.strip(),
                 "ca_file": str(self.ca_file),
                 "connect_to": "127.0.0.1",
@@ -301,6 +375,8 @@ class World:
             str(self.root / "direct.key"),
         )
         self.start_relay()
+        if self.wan:  # between the daemon and the relay
+            self.wan_port = self.start_wan("wan", self.relay_port, self.wan)
         self.start_home()
 
     def stop_all(self) -> None:
@@ -316,6 +392,10 @@ class World:
                 raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
 
     # -- where clients go ----------------------------------------------------------
+    def snitun_target(self) -> dict[str, Any]:
+        """Client spec fields for SniTun (its home terminates TLS with direct.crt)."""
+        return {"port": self.snitun_port, "cafile": str(self.ca_file)}
+
     def target(self, tunnel: bool) -> dict[str, Any]:
         """The client spec fields for the tunnel or the direct TLS baseline."""
         return {
