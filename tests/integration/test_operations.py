@@ -98,6 +98,10 @@ def test_status_and_metrics_of_a_full_run_never_show_a_secret(world: World) -> N
     assert st["bytes"]["in"] > 0 and st["bytes"]["out"] > MiB
     assert len(st["certificate"]["sha256"]) == 64 and st["bans"] == []
     assert st["last_error"] is None and st["version"]
+    # Window tuning: the session's own PINGs measured the path; windows within the buffer.
+    flow = st["flow"]
+    assert flow["min_rtt_ms"] is not None and flow["min_rtt_ms"] >= 0
+    assert 0 <= flow["windows_bytes"] <= flow["buffer_bytes"] == 64 << 20
     claims = decode_claims_unverified(token)
     assert st["token"]["id"] == claims.token_id and 1 < st["token"]["days_left"] <= 2
     assert any("token expires in" in w for w in st["warnings"])
@@ -119,6 +123,7 @@ def test_status_and_metrics_of_a_full_run_never_show_a_secret(world: World) -> N
     assert relay_st is not None
     [session] = relay_st["sessions"]
     assert session["hostnames"] == [HOME_HOST] and session["id"] == st["session_id"]
+    assert session["flow"]["min_rtt_ms"] is not None  # the relay pings too
     assert relay_st["hostnames"] == [HOME_HOST]
     assert relay_st["streams"]["total"] >= 4
     assert relay_st["certificate"]["sans"] == [RELAY_HOST]

@@ -482,3 +482,24 @@ async def test_ping_flood_ends_the_session_steady_pings_do_not(
         ev.ResetCode.PROTOCOL_ERROR, f"PING flood: over {PING_BURST} PINGs at once"
     )
     assert relay.close_reason == f"protocol error: PING flood: over {PING_BURST} PINGs at once"
+
+
+async def test_send_nowait_queues_only_what_the_credit_allows() -> None:
+    with trio.fail_after(10):
+        async with session_pair(echo, window=16384) as pair:
+            stream = pair.relay.open_stream("192.0.2.1", 5555, "h.test")
+            assert stream.send_nowait(b"x" * 16384)  # exactly the window
+            assert not stream.send_nowait(b"y")  # no credit left: the caller must wait
+            assert await receive_exactly(stream, 16384) == b"x" * 16384  # echoed back
+            assert stream.send_nowait(b"z")  # credit returned as the echo consumed it
+            await stream.aclose()
+            assert not stream.send_nowait(b"after close")
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = await stream.receive_some(n - len(out))
+        assert data, "stream ended early"
+        out += data
+    return bytes(out)

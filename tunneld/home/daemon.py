@@ -135,6 +135,8 @@ class Daemon:
             "last_error": st.last_error,
             "replaced": st.replaced,
             "rtt_ms": round(st.rtt * 1000, 2) if st.rtt is not None else None,
+            # The live session's receive-window tuning (tunneld/wire/flow.py).
+            "flow": st.sessions[-1].statistics().flow_json() if st.sessions else None,
             "reconnects": st.reconnects,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
             "streams": {

@@ -580,6 +580,7 @@ class Relay:
                     "bytes": {"in": st.bytes_in, "out": st.bytes_out},
                     "bans": len(s.bans),
                     "going_away": st.going_away or s.replaced,
+                    "flow": st.flow_json(),
                 }
             )
         return {

@@ -23,7 +23,7 @@ from tunneld.errors import ProtocolError, RemoteProtocolError
 from tunneld.transport import contract
 from tunneld.transport.channel import ChannelClosed
 from tunneld.wire import events as ev
-from tunneld.wire.flow import WindowTuner
+from tunneld.wire.flow import TunerStatistics, WindowTuner
 from tunneld.wire.mux import Connection, Role
 
 log = logging.getLogger("tunneld.session")
@@ -75,8 +75,22 @@ class SessionStatistics:
     streams_total: int
     bytes_in: int  # WebSocket payload bytes received
     bytes_out: int
-    rtt: float | None  # seconds, last ping round trip (home side)
+    rtt: float | None  # seconds, last ping round trip
     going_away: bool
+    flow: TunerStatistics | None  # the receive windows' tuning; None when static
+
+    def flow_json(self) -> dict[str, Any] | None:
+        """The window tuning as `status` shows it."""
+        f = self.flow
+        if f is None:
+            return None
+        return {
+            "min_rtt_ms": None if f.min_rtt is None else round(f.min_rtt * 1000, 2),
+            "windows_bytes": f.windows_total,
+            "buffer_bytes": f.budget,
+            "grown": f.grown,
+            "trimmed": f.trimmed,
+        }
 
 
 class _Ping:
@@ -251,6 +265,20 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._send_conflict = False
+
+    def send_nowait(self, data: bytes | bytearray) -> bool:
+        """Queue `data` at once if its credit allows (True), else do nothing (False). Not
+        a checkpoint: for a splice whose receive just was one (transport/splice.py)."""
+        if (
+            self._send_conflict
+            or self._detached
+            or self._error is not None
+            or self._local_closed
+            or len(data) > self._session._conn.send_capacity(self.stream_id)
+        ):
+            return False
+        self._session._send(ev.Data(self.stream_id, bytes(data)))  # bytes: no copy
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_conflict:
@@ -473,6 +501,7 @@ class MuxSession:
             bytes_out=self.bytes_out,
             rtt=self.rtt,
             going_away=self.going_away,
+            flow=self._conn.tuner_statistics(),
         )
 
     # -- internals -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -30,12 +31,18 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
 
         async def pump(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
             nonlocal broken, closing
+            # A MuxStream takes what fits its credit without a second scheduler pass:
+            # the receive just made one (a WebSocket message crosses here each way).
+            send_nowait: Callable[[bytes | bytearray], bool] | None = getattr(
+                dst, "send_nowait", None
+            )
             try:
                 while True:
                     data = await src.receive_some(CHUNK)
                     if not data:
                         break
-                    await dst.send_all(data)
+                    if send_nowait is None or not send_nowait(data):
+                        await dst.send_all(data)
                 if isinstance(dst, trio.abc.HalfCloseableStream):
                     await dst.send_eof()
                     return
