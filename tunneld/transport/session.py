@@ -23,7 +23,7 @@ from tunneld.errors import ProtocolError, RemoteProtocolError
 from tunneld.transport import contract
 from tunneld.transport.channel import ChannelClosed
 from tunneld.wire import events as ev
-from tunneld.wire.flow import TunerStatistics, WindowTuner
+from tunneld.wire.flow import Pacer, TunerStatistics, WindowTuner
 from tunneld.wire.mux import Connection, Role
 
 log = logging.getLogger("tunneld.session")
@@ -46,6 +46,7 @@ PING_BURST = 64
 PING_RATE = 4.0
 GOAWAY_REASON = 200  # characters of a protocol error's text sent in GOAWAY
 MAX_PINGS = 16  # unanswered PINGs remembered
+PACE_SLEEP = 0.001  # the writer sleeps for pacing only when it would wait longer
 # RTT probes for the window tuner (flow.py): a few right away, then a slow trickle.
 RTT_PROBES_AT_START = 3
 RTT_PROBE_START = 0.2
@@ -255,6 +256,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self._check_sendable()
                 room = self._session._conn.send_capacity(self.stream_id)
                 if room <= 0:
+                    self._session._pacer.waited(time.monotonic())
                     await self._lot.park()
                     waited = True
                     continue
@@ -390,6 +392,8 @@ class MuxSession:
         self._ping_allowance = float(ping_burst)
         self._ping_checked: float | None = None  # trio time the allowance was computed
         self._flushed = trio.Event()  # set (and replaced) each time the writer drained
+        self._pacer = Pacer()
+        self._least_rtt: float | None = None  # the shortest PING round trip seen
 
     # -- handshake helpers (run before `run`) ---------------------------------
     async def send_now(self, event: ev.Event) -> None:
@@ -559,6 +563,11 @@ class MuxSession:
             data = self._conn.data_to_send(MESSAGE_BYTES)
             if not data:
                 break
+            wait = self._pacer.delay(
+                len(data), time.monotonic(), self._min_rtt(), self._conn.buffered_output
+            )
+            if wait > PACE_SLEEP:
+                await trio.sleep(wait)
             self.bytes_out += len(data)
             await self._ws.send_message(data)
 
@@ -625,6 +634,8 @@ class MuxSession:
             else:
                 stream._feed(event.data)
         elif isinstance(event, ev.Window):
+            busy = self._conn.buffered_output > 0
+            self._pacer.credited(event.increment, time.monotonic(), busy, self._min_rtt())
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream._wake()
@@ -649,6 +660,7 @@ class MuxSession:
             ping = self._pings.pop(event.payload, None)
             if ping is not None:
                 ping.rtt = self.rtt = time.monotonic() - ping.sent
+                self._least_rtt = min(self._least_rtt or ping.rtt, ping.rtt)
                 self._conn.observe_rtt(ping.rtt)
                 ping.answered.set()
         else:
@@ -656,6 +668,9 @@ class MuxSession:
                 self.going_away = True
             if self._on_event is not None:
                 self._on_event(event)
+
+    def _min_rtt(self) -> float | None:
+        return self._least_rtt
 
     def _allow_ping(self) -> None:
         now = trio.current_time()

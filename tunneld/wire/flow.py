@@ -154,3 +154,94 @@ class WindowTuner:
         return TunerStatistics(
             self.min_rtt, self.windows_total, self.budget, self._grown, self._trimmed
         )
+
+
+# --- sending: pacing when there is no credit clock ----------------------------------
+PACE_GAIN: Final = 1.25  # pace at this much over the measured delivery rate
+PACE_SAMPLE: Final = 0.1  # seconds, at least, per delivery-rate sample (and two RTTs)
+PACE_MEMORY: Final = 60.0  # seconds a busy sample's rate is remembered
+PACE_BURST: Final = 0.005  # seconds of pacing rate sent at once
+PACE_MIN_BURST: Final = 64 * 1024
+
+
+class Pacer:
+    """Spreads what a session sends when no returning credit clocks it.
+
+    While a stream waits for credit, its sending follows the WINDOWs that come back,
+    one grant at a time: the peer's consumption paces it, as ACKs pace TCP, and
+    windows grow under that clock. After a pause a stream may hold a whole window of
+    credit (a response that follows another on a keep-alive connection): sent at
+    once it would sit in the path's bottleneck queue, and a small request on another
+    stream would wait behind all of it. So while no stream has waited for credit
+    within the last half round trip, the session sends at `PACE_GAIN` times the
+    delivery rate it measured, and the queue grows by a fifth of the burst only. Once
+    a stream waits for credit again the clock is back and pacing stops: a download
+    is never held back by it.
+
+    The delivery rate is the credit the peer returns (WINDOW increments: bytes its
+    consumers took) per sample of at least two round trips. Only samples taken while
+    the sender was busy (data waiting in the mux or for credit) measure the path; an
+    idle sender's are dropped. The rate paced is the median of the busy samples of the
+    last `PACE_MEMORY` seconds, or the latest if higher (while windows open up the
+    median lags): one sample inflated by credit returned in a clump does not set it
+    for long. With none, nothing is paced.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._credited = 0
+        self._busy = False
+        self._samples: list[tuple[float, float]] = []  # (time, rate) of busy samples
+        self._rate = 0.0  # pacing rate, bytes/s; 0 = not pacing
+        self._clocked_at = float("-inf")  # the last time a stream waited for credit
+        self._pacing = False  # in a paced burst
+        self._tokens = 0.0
+        self._filled_at = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second sent while unclocked (0: not pacing)."""
+        return self._rate
+
+    def waited(self, now: float) -> None:
+        """A stream waited for credit: returning WINDOWs clock the sender again."""
+        self._clocked_at = now
+        self._busy = True
+
+    def credited(self, nbytes: int, now: float, busy: bool, rtt: float | None) -> None:
+        """The peer returned `nbytes` of credit; `busy`: data waits to be sent; `rtt`:
+        the session's shortest round trip, if known."""
+        self._credited += nbytes
+        self._busy = self._busy or busy
+        elapsed = now - self._start
+        length = max(PACE_SAMPLE, 2 * (rtt or 0.0))
+        if elapsed < length:
+            return
+        samples = [(t, r) for t, r in self._samples if now - t < PACE_MEMORY]
+        if self._busy and elapsed < 4 * length:  # else a pause in it: not a busy sample
+            samples.append((now, self._credited / elapsed))
+        self._samples = samples
+        rates = sorted(r for _, r in samples)
+        if rates:  # the latest busy sample too: it leads the median while rates grow
+            self._rate = PACE_GAIN * max(rates[len(rates) // 2], samples[-1][1])
+        else:
+            self._rate = 0.0
+        self._start, self._credited, self._busy = now, 0, False
+
+    def delay(self, nbytes: int, now: float, rtt: float | None, backlog: int) -> float:
+        """Seconds to wait before sending `nbytes` (0: now); counts them as sent.
+        `rtt`: the session's shortest round trip, if known; `backlog`: bytes still
+        queued behind these. A paced burst is paced to its end (no backlog left), even
+        if a stream waits for credit meanwhile: it took that credit into the queue."""
+        rate = self._rate
+        burst = max(PACE_MIN_BURST, rate * PACE_BURST)
+        if not self._pacing:
+            if rate <= 0 or now - self._clocked_at < 0.5 * (rtt or PACE_SAMPLE):
+                self._tokens, self._filled_at = burst, now
+                return 0.0
+            self._pacing = True
+        self._tokens = min(burst, self._tokens + (now - self._filled_at) * rate)
+        self._filled_at = now
+        self._tokens -= nbytes
+        self._pacing = backlog > 0
+        return 0.0 if self._tokens >= 0 else -self._tokens / rate

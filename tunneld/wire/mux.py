@@ -344,6 +344,11 @@ class Connection:
             return 0
         return st.send_credit
 
+    @property
+    def buffered_output(self) -> int:
+        """Bytes queued and not yet returned by data_to_send."""
+        return self._queued_bytes
+
     def has_data_to_send(self) -> bool:
         return bool(self._control or self._ready)
 
