@@ -252,6 +252,7 @@ class RelaySection:
     session_buffer: int = DEFAULT_SESSION_BUFFER  # the sum of a session's windows
     max_connections_per_ip: int = 256
     raw_transport: bool = True  # allow the tunneld-raw.1 transport (frames without WS framing)
+    data_connections: int = 8  # idle data connections kept per home session; 0 = none
     connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
     metrics_listen: Listen | None = None  # Prometheus /metrics over TCP; None = off
 
@@ -351,6 +352,7 @@ class DaemonSection:
     stream_window: int = 262144  # each stream's initial receive window (HELLO)
     max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW  # how far tuning may grow one
     session_buffer: int = DEFAULT_SESSION_BUFFER  # the sum of a session's windows
+    data_connections: int = 64  # most data connections held to the relay at once; 0 = none
 
 
 @dataclass(frozen=True)
@@ -873,6 +875,7 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "connections_per_ip_per_second": _integer(0),
             "metrics_listen": _optional_listen,
             "raw_transport": _boolean,
+            "data_connections": _integer(0, 1024),
         },
     )
     _check_windows(ctx, "relay", values, RelaySection)
@@ -1031,6 +1034,7 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
             "metrics_listen": _optional_listen,
             "max_streams": _integer(1),
             **_WINDOW_KEYS,
+            "data_connections": _integer(0, 4096),
         },
     )
     _check_windows(ctx, "daemon", daemon_values, DaemonSection)

@@ -171,6 +171,11 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             "The most all of one session's stream windows add up to, in bytes"
             " (at least max_stream_window)."
         ),
+        "data_connections": (
+            "Most data connections the daemon holds open to the relay at once (0 to 4096;"
+            " 0 = none): plain TCP connections, each carrying one client connection's own"
+            " TLS bytes."
+        ),
     },
 }
 
@@ -227,6 +232,11 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             "Let daemons carry frames without WebSocket framing after the upgrade (tunneld-"
             "raw.1); about twice the throughput per CPU. false = plain binary WebSocket "
             "messages only."
+        ),
+        "data_connections": (
+            "Idle data connections each home keeps open to the relay (0 to 1024; 0 = none):"
+            " a client's bytes then cross the relay in the kernel, not inside the session"
+            " (PROTOCOL.md section 11)."
         ),
     },
 }

@@ -8,6 +8,7 @@ cancellation that loses nothing.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -17,8 +18,9 @@ import trio.testing
 
 from tests.transport.test_session import connection, ws_pair
 from tests.transport.test_tls import HOST, Certs, certs, client_context, server_ctx
+from tunneld.transport.attached import AttachedStream
 from tunneld.transport.rawsock import RawSocketStream
-from tunneld.transport.session import MuxSession, MuxStream
+from tunneld.transport.session import ClientStream, MuxSession, MuxStream
 from tunneld.transport.tls import TLSStream
 from tunneld.wire import events as ev
 from tunneld.wire.mux import Role
@@ -129,6 +131,68 @@ async def test_mux_stream_keeps_the_half_closeable_contract(tuned: bool) -> None
         return await make(False)
 
     async def clogged() -> tuple[MuxStream, MuxStream]:
+        return await make(True)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(start, False)
+            await nursery.start(start, True)
+            await trio.testing.check_half_closeable_stream(plain, clogged)
+            nursery.cancel_scope.cancel()
+
+
+async def test_attached_stream_keeps_the_half_closeable_contract() -> None:
+    """Pairs of AttachedStreams: the relay's and the home's end of one stream opened by
+    ATTACH, credit kept by two sessions in memory, bytes on a TCP pair of their own."""
+    sessions: dict[bool, tuple[MuxSession, trio.MemoryReceiveChannel[ClientStream]]] = {}
+    waiting: dict[bytes, RawSocketStream] = {}  # the home's data connections, by ticket
+
+    def attach(stream: MuxStream, ticket: bytes) -> ClientStream | None:
+        data = waiting.pop(ticket, None)
+        return None if data is None else AttachedStream(stream, data)
+
+    async def start(clogged: bool, task_status: trio.TaskStatus[None]) -> None:
+        window = CLOGGED_WINDOW if clogged else 256 * 1024
+        accepted_send, accepted = trio.open_memory_channel[ClientStream](100)
+
+        async def handler(stream: ClientStream) -> None:
+            await accepted_send.send(stream)
+            await trio.sleep_forever()  # the session's end cancels it
+
+        relay_ws, home_ws = ws_pair()
+        relay = MuxSession(relay_ws, connection(Role.RELAY, window, True), session_id="r")
+        home = MuxSession(
+            home_ws, connection(Role.HOME, window, True), on_open=handler, attach=attach
+        )
+        await home.send_now(ev.Hello("t", ("h.test",), window, 1000, data_connections=8))
+        await relay.receive_handshake()
+        await relay.send_now(ev.Welcome("r", ("h.test",), window, 20.0, data_connections=4))
+        await home.receive_handshake()
+        assert relay.data_connections and home.data_connections
+        sessions[clogged] = (relay, accepted)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            nursery.start_soon(home.run)
+            task_status.started()
+
+    async def make(clogged: bool) -> tuple[AttachedStream, ClientStream]:
+        relay, accepted = sessions[clogged]
+        relay_end, home_end = socket.socketpair()
+        ticket = os.urandom(ev.TICKET_SIZE)
+        waiting[ticket] = RawSocketStream(home_end)
+        mux = relay.open_stream("192.0.2.1", 1, "h.test", ticket)
+        left = AttachedStream(mux, RawSocketStream(relay_end))
+        right = await accepted.receive()
+        assert isinstance(right, AttachedStream)
+        if clogged:  # the credit both ways used up: the next send waits for a read
+            await left.send_all(bytes(CLOGGED_WINDOW))
+            await right.send_all(bytes(CLOGGED_WINDOW))
+        return left, right
+
+    async def plain() -> tuple[AttachedStream, ClientStream]:
+        return await make(False)
+
+    async def clogged() -> tuple[AttachedStream, ClientStream]:
         return await make(True)
 
     with trio.fail_after(20):

@@ -23,8 +23,9 @@ from tunneld.checks import client_context
 from tunneld.config import HomeConfig, format_listen, split_connect_to
 from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.home.bans import BanList
+from tunneld.home.dataconns import DataDialer
 from tunneld.transport.channel import ChannelClosed, open_channel
-from tunneld.transport.rawsock import SESSION_UNSENT, raw_stream
+from tunneld.transport.rawsock import SESSION_UNSENT, RawSocketStream, raw_stream
 from tunneld.transport.session import (
     MuxSession,
     StreamHandler,
@@ -69,6 +70,7 @@ class ConnectorState:
     bytes_in: int = 0  # finished sessions; the live one is added on read
     bytes_out: int = 0
     sessions: list[MuxSession] = field(default_factory=list)
+    dialers: dict[MuxSession, DataDialer] = field(default_factory=dict)  # data connections
 
     def totals(self) -> tuple[int, int]:
         inn = self.bytes_in + sum(s.bytes_in for s in self.sessions)
@@ -197,6 +199,11 @@ class Connector:
             ("User-Agent", f"tunneld/{__version__}"),
         ]
 
+    async def _open_data(self) -> RawSocketStream:
+        """A plain TCP connection to where the session goes (a data connection)."""
+        address, port = self._dial
+        return raw_stream(await trio.open_tcp_stream(address, port))
+
     def _target(self) -> str:
         """The address dialed, as errors name it: the URL's host and port, or with
         `connect_to` the address really dialed and, in brackets, the name TLS checks."""
@@ -272,9 +279,17 @@ class Connector:
             max_streams=daemon.max_streams,
         )
         drain = outcome.drain
+        dialer = (
+            DataDialer(self._open_data, daemon.data_connections, self.cfg.connect_timeout)
+            if daemon.data_connections
+            else None
+        )
 
         def on_event(event: ev.Event) -> None:
-            if isinstance(event, ev.GoAway):
+            if isinstance(event, ev.Dial):
+                if dialer is not None:
+                    dialer.dial_soon(event.ticket)
+            elif isinstance(event, ev.GoAway):
                 outcome.goaway = event.code
                 if outcome.renew:
                     log.info("session %s: replaced by the reloaded one, draining", mux.session_id)
@@ -287,13 +302,20 @@ class Connector:
                 drain.set()
                 outcome.done.set()
 
-        mux = MuxSession(ws, conn, on_open=self.handler, on_event=on_event)
+        mux = MuxSession(
+            ws,
+            conn,
+            on_open=self.handler,
+            on_event=on_event,
+            attach=None if dialer is None else dialer.attach,
+        )
         await mux.send_now(
             ev.Hello(
                 version=__version__,
                 hostnames=self.config.tls.hostnames,
                 window=daemon.stream_window,
                 max_streams=daemon.max_streams,
+                data_connections=daemon.data_connections,
             )
         )
         with trio.fail_after(self.cfg.connect_timeout):
@@ -360,11 +382,15 @@ class Connector:
         def extra(nursery: trio.Nursery) -> None:
             nursery.start_soon(pinger)
             nursery.start_soon(drainer)
+            if dialer is not None and mux.data_connections:
+                st.dialers[mux] = dialer
+                nursery.start_soon(dialer.run)
 
         try:
             await mux.run(extra=extra)
         finally:
             st.sessions.remove(mux)
+            st.dialers.pop(mux, None)
             st.bytes_in += mux.bytes_in
             st.bytes_out += mux.bytes_out
             if st.session_id == mux.session_id and not st.sessions:

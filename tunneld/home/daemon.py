@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -24,7 +25,7 @@ from tunneld.home.acme import AcmeManager
 from tunneld.home.banctl import add_ban_routes
 from tunneld.home.bans import BANS_FILE, BanFile, BanList
 from tunneld.home.certs import CertificateStore
-from tunneld.home.connector import Connector
+from tunneld.home.connector import Connector, ConnectorState
 from tunneld.home.health import HealthChecks, token_facts
 from tunneld.home.reload import reload_daemon
 from tunneld.home.streams import StreamHandler
@@ -137,6 +138,8 @@ class Daemon:
             "rtt_ms": round(st.rtt * 1000, 2) if st.rtt is not None else None,
             # The live session's receive-window tuning (tunneld/wire/flow.py).
             "flow": st.sessions[-1].statistics().flow_json() if st.sessions else None,
+            # Its data connections (PROTOCOL.md 11); null when the relay or config has none.
+            "data_connections": _dialer_json(st),
             "reconnects": st.reconnects,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
             "streams": {
@@ -187,3 +190,8 @@ async def run_daemon(config: HomeConfig) -> int:
                 raise first_error(group) from None
             nursery.cancel_scope.cancel()
     return 0
+
+
+def _dialer_json(st: ConnectorState) -> dict[str, int] | None:
+    dialer = st.dialers.get(st.sessions[-1]) if st.sessions else None
+    return None if dialer is None else dataclasses.asdict(dialer.statistics())

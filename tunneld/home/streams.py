@@ -11,7 +11,7 @@ from tunneld.config import HomeConfig
 from tunneld.home.certs import CertificateStore
 from tunneld.home.proxy import Proxy
 from tunneld.home.watchdog import Watchdog
-from tunneld.transport.session import MuxStream
+from tunneld.transport.session import ClientStream
 from tunneld.transport.splice import STREAM_ERRORS, aclose_quietly
 from tunneld.transport.tls import TLSStream
 from tunneld.wire.clienthello import ClientHello, parse_client_hello
@@ -60,7 +60,7 @@ class StreamHandler:
             self.banned,
         )
 
-    async def __call__(self, stream: MuxStream) -> None:
+    async def __call__(self, stream: ClientStream) -> None:
         ip = stream.client_ip
         self.total += 1
         # Before the ClientHello is even read: a refused client costs no TLS work.
@@ -84,7 +84,7 @@ class StreamHandler:
             self.active -= 1
             self.watchdog.release(ip)
 
-    async def _serve(self, stream: MuxStream, ip: str) -> None:
+    async def _serve(self, stream: ClientStream, ip: str) -> None:
         tls_cfg = self.config.tls
         hello: ClientHello | None = None
         first = b""
@@ -112,7 +112,7 @@ class StreamHandler:
             # Never a clean end for a cut exchange: the client must see an error.
             stream.reset(reset)
 
-    async def _read_client_hello(self, stream: MuxStream) -> tuple[ClientHello | None, bytes]:
+    async def _read_client_hello(self, stream: ClientStream) -> tuple[ClientHello | None, bytes]:
         buf = bytearray()
         try:
             while True:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tunneld.netaddr import normalize_ip
+from tunneld.relay.datapool import DataPool
 from tunneld.transport.session import MuxSession
 from tunneld.wire import events as ev
 
@@ -27,6 +29,7 @@ class HomeSession:
     peer: str
     bans: dict[str, float | None] = field(default_factory=dict)  # ip -> until (None = forever)
     replaced: bool = False
+    data: DataPool | None = None  # its data connections, when both ends agreed on them
 
     def is_banned(self, ip: str, now: float | None = None) -> bool:
         """Is client `ip` (normalized) banned: its address, or for IPv6 its /64 (PROTOCOL.md)?"""
@@ -73,6 +76,11 @@ class Registry:
     def __init__(self) -> None:
         self._by_host: dict[str, HomeSession] = {}
         self.sessions: list[HomeSession] = []
+        self._homes: Counter[str] = Counter()  # addresses sessions came from
+
+    def is_home(self, ip: str) -> bool:
+        """A connected home's address (its data connections come from there)."""
+        return ip in self._homes
 
     def lookup(self, hostname: str) -> HomeSession | None:
         return self._by_host.get(hostname)
@@ -86,6 +94,7 @@ class Registry:
                 displaced.append(old)
             self._by_host[host] = session
         self.sessions.append(session)
+        self._homes[session.peer] += 1
         for old in displaced:
             old.replaced = True
             log.warning(
@@ -106,6 +115,9 @@ class Registry:
                 del self._by_host[host]
         if session in self.sessions:
             self.sessions.remove(session)
+            self._homes[session.peer] -= 1
+            if self._homes[session.peer] <= 0:
+                del self._homes[session.peer]
 
     def stream_count(self) -> int:
         return sum(s.mux.streams_active for s in self.sessions)

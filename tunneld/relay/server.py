@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
 import signal
+import socket
 import ssl
 import time
 from collections import Counter
@@ -32,6 +34,7 @@ from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError,
 from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
+from tunneld.relay.datapool import REFILL_INTERVAL, DataPool
 from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
 from tunneld.relay.reload import certificate_status, reload_relay
@@ -44,9 +47,11 @@ from tunneld.tokens import (
     load_public_keys,
     verify_token,
 )
+from tunneld.transport.attached import abort
 from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
+from tunneld.transport.kernelsplice import send_first, splice_attached
 from tunneld.transport.prefixed import PrefixedStream
-from tunneld.transport.rawsock import SESSION_UNSENT, raw_stream
+from tunneld.transport.rawsock import SESSION_UNSENT, RawSocketStream, raw_stream
 from tunneld.transport.session import (
     MAX_MESSAGE_SIZE,
     RECEIVE_BUFFER,
@@ -63,6 +68,7 @@ from tunneld.wire.clienthello import (
     parse_client_hello,
     unrecognized_name_alert,
 )
+from tunneld.wire.dataconn import LINE_SIZE, Preamble, is_data_start, parse_preamble
 from tunneld.wire.mux import Role
 
 log = logging.getLogger("tunneld.relay")
@@ -77,6 +83,13 @@ REFUSAL_STATUS = {
     "bad_request": 400,
 }
 MAX_REQUEST_HEAD = 16 * 1024
+
+
+async def _refill(pool: DataPool) -> None:
+    """Ask for the data connections a session lacks (tickets that never came expire)."""
+    while True:
+        pool.refill()
+        await trio.sleep(REFILL_INTERVAL)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -110,6 +123,7 @@ class Relay:
         self.listening: list[tuple[str, int]] = []
         self.metrics = make_registry(RelayCollector(self.status))
         self.metrics_listening: list[str] = []
+        self._tickets: dict[bytes, DataPool] = {}  # DIAL tickets not yet presented
 
     @property
     def config(self) -> RelayConfig:
@@ -235,7 +249,8 @@ class Relay:
         peer = tcp.socket.getpeername()
         ip, port = normalize_ip(peer[0]), int(peer[1])
         self.stats.connections_total += 1
-        if not self._rate.allow(ip):
+        home = self.registry.is_home(ip)  # its data connections are not a client's flood
+        if not home and not self._rate.allow(ip):
             # Counted, logged at debug only: a flood must not flood the journal too.
             self.stats.refused["ip_rate"] += 1
             log.debug("refused %s: over %d new connections per second", ip, self._rate.rate)
@@ -243,7 +258,7 @@ class Relay:
             await aclose_quietly(tcp)
             return
         limit = self.cfg.max_connections_per_ip
-        if limit and self._per_ip[ip] >= limit:
+        if not home and limit and self._per_ip[ip] >= limit:
             self.stats.refused["ip_limit"] += 1
             log.warning("refused %s: over %d connections per address", ip, limit)
             abort_socket(tcp)
@@ -272,6 +287,8 @@ class Relay:
                     if not data:
                         break
                     buf += data
+                    if is_data_start(buf):
+                        break
                     result = parse_client_hello(buf)
                     if isinstance(result, ClientHello):
                         hello = result
@@ -280,6 +297,9 @@ class Relay:
                         break
             except STREAM_ERRORS:
                 pass
+        if hello is None and is_data_start(buf):
+            await self._serve_data(tcp, buf, ip)
+            return
         if hello is None:
             self.stats.refused["client_hello"] += 1
             await aclose_quietly(tcp)
@@ -305,16 +325,28 @@ class Relay:
             abort_socket(tcp)
             await aclose_quietly(tcp)
             return
+        taken = None if session.data is None else session.data.take()
         try:
-            stream = session.mux.open_stream(ip, port, sni or "")
+            stream = session.mux.open_stream(
+                ip, port, sni or "", None if taken is None else taken[0]
+            )
         except (ProtocolError, trio.BrokenResourceError) as exc:
             self.stats.refused["session_limit"] += 1
             log.warning("refused %s for %s: %s", ip, sni, exc)
             abort_socket(tcp)
             await aclose_quietly(tcp)
+            if taken is not None:
+                await self._drop_data(session, taken[1])
             return
         self.stats.routed_total += 1
-        await self._splice_client(tcp, stream, bytes(buf))
+        if taken is None:
+            await self._splice_client(tcp, stream, bytes(buf))
+            return
+        try:
+            await self._splice_attached(tcp, taken[1], stream, bytes(buf))
+        finally:
+            assert session.data is not None
+            session.data.release()
 
     async def _splice_client(self, tcp: trio.SocketStream, stream: MuxStream, first: bytes) -> None:
         # The socket used directly (rawsock.py): a small request's bytes cross here twice.
@@ -336,6 +368,61 @@ class Relay:
                 stream.reset(ev.ResetCode.CANCEL)
                 abort_socket(client)
             await aclose_quietly(client)
+
+    async def _splice_attached(
+        self, tcp: trio.SocketStream, data: RawSocketStream, stream: MuxStream, first: bytes
+    ) -> None:
+        """The client's bytes to and from the home's data connection, in the kernel."""
+        client = raw_stream(tcp)
+        clean = False
+        try:
+            await send_first(stream, data, first)
+            clean = await splice_attached(client, data, stream)
+            log.debug("attached stream %d ended %s", stream.stream_id, _END[clean])
+        except STREAM_ERRORS:
+            clean = False
+        finally:
+            if clean:
+                await stream.aclose()
+            else:
+                stream.reset(ev.ResetCode.CANCEL)
+                abort(client.socket)
+                abort(data.socket)
+            await aclose_quietly(client)
+            await aclose_quietly(data)
+
+    async def _drop_data(self, session: HomeSession, data: RawSocketStream) -> None:
+        abort(data.socket)
+        await aclose_quietly(data)
+        if session.data is not None:
+            session.data.release()
+
+    async def _serve_data(self, tcp: trio.SocketStream, buf: bytearray, ip: str) -> None:
+        """A home's data connection: its ticket line, then idle in its session's pool
+        until a client takes it (the client's task owns it then)."""
+        parsed: tuple[bytes, int] | Preamble = Preamble.NEED_MORE
+        with trio.move_on_after(self.cfg.client_hello_timeout):
+            try:
+                while (parsed := parse_preamble(buf)) is Preamble.NEED_MORE:
+                    data = await tcp.receive_some(LINE_SIZE - len(buf))
+                    if not data:
+                        break
+                    buf += data
+            except STREAM_ERRORS:
+                pass
+        pool = None
+        if isinstance(parsed, tuple) and parsed[1] == len(buf):
+            pool = self._tickets.get(parsed[0])
+        if pool is None or not isinstance(parsed, tuple):
+            self.stats.refused["data_ticket"] += 1
+            log.info("refused a data connection from %s: no such ticket", ip)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
+        stream = raw_stream(tcp)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if not await pool.hold(parsed[0], stream):
+            await aclose_quietly(stream)
 
     # -- the relay's own hostname: /healthz and /v1/tunnel ----------------------
     async def _serve_own(self, tcp: trio.SocketStream, hello: bytes, ip: str) -> None:
@@ -482,6 +569,7 @@ class Relay:
                     hostnames=hostnames,
                     window=self.cfg.stream_window,
                     ping_interval=self.cfg.ping_interval,
+                    data_connections=self.cfg.data_connections if first.data_connections else 0,
                 )
             )
         except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
@@ -502,6 +590,15 @@ class Relay:
             hostnames=hostnames,
             peer=ip,
         )
+        if mux.data_connections:
+            assert isinstance(first, ev.Hello)
+
+            def dial(ticket: bytes) -> None:
+                mux.send(ev.Dial(ticket))
+
+            home.data = DataPool(
+                self.cfg.data_connections, first.data_connections, dial, self._tickets
+            )
         self.registry.register(home)
         log.info(
             "session %s connected from %s: %s for %s (tunneld %s)",
@@ -514,6 +611,8 @@ class Relay:
 
         def extra(nursery: trio.Nursery) -> None:
             nursery.start_soon(self._liveness, mux)
+            if home.data is not None:
+                nursery.start_soon(_refill, home.data)
 
         try:
             await mux.run(extra=extra)
@@ -521,6 +620,8 @@ class Relay:
                 log.warning("session %s closed: %s", session_id, mux.close_reason)
         finally:
             self.registry.unregister(home)
+            if home.data is not None:
+                home.data.close()
             log.info("session %s ended (%s)", session_id, mux.close_reason or "closed")
 
     async def _liveness(self, mux: MuxSession) -> None:
@@ -581,6 +682,9 @@ class Relay:
                     "bans": len(s.bans),
                     "going_away": st.going_away or s.replaced,
                     "flow": st.flow_json(),
+                    "data_connections": None
+                    if s.data is None
+                    else dataclasses.asdict(s.data.statistics()),
                 }
             )
         return {
@@ -684,3 +788,6 @@ async def run_relay(config: RelayConfig) -> int:
                 raise first_error(group) from None
             nursery.cancel_scope.cancel()
     return 0
+
+
+_END = {True: "cleanly", False: "broken"}

@@ -9,6 +9,7 @@ the reader gives it data or credit, so an idle stream costs a few objects.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import time
@@ -108,7 +109,21 @@ class _Ping:
 Sink = Callable[[bytes], int]
 
 
-class MuxStream(trio.abc.HalfCloseableStream):
+class ClientStream(trio.abc.HalfCloseableStream):
+    """What a stream handler gets for each client connection: a MuxStream, or an
+    AttachedStream (transport/attached.py) when its bytes use a data connection."""
+
+    stream_id: int
+    client_ip: str
+    client_port: int
+    sni: str
+
+    @abc.abstractmethod
+    def reset(self, code: int = ev.ResetCode.CANCEL) -> None:
+        """Abort both directions now (the peer sees a reset, never a clean end)."""
+
+
+class MuxStream(ClientStream):
     """One client connection carried by the session (a trio HalfCloseableStream).
 
     Received data is buffered up to the window the peer may send, so memory per
@@ -134,6 +149,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_conflict = False
         self._receiver_parked = False  # a receive_some waits, with nothing in hand
         self._sink: Sink | None = None  # see deliver_to
+        # Attached (ATTACH): the bytes travel on a data connection, this stream keeps
+        # the credit; `_on_fail` then aborts that connection when the stream fails.
+        self.attached = False
+        self._on_fail: Callable[[], None] | None = None
 
     def deliver_to(self, sink: Sink | None) -> None:
         """Hand received data straight to `sink` while the consumer waits with
@@ -147,6 +166,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # -- fed by the session reader ------------------------------------------
     def _feed(self, data: bytes) -> None:
+        if self.attached:  # its bytes belong on the data connection, not in DATA
+            self.reset(ev.ResetCode.PROTOCOL_ERROR)
+            return
         if self._detached:
             self._discard(len(data))
             return
@@ -189,6 +211,43 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._error = why
         self._recv = None
         self._lot.unpark_all()
+        if self._on_fail is not None:
+            self._on_fail()
+
+    # -- attached streams: bytes on a data connection, credit here ------------
+    def attach(self, on_fail: Callable[[], None]) -> None:
+        """This stream's bytes travel on a data connection (transport/attached.py);
+        `on_fail` aborts that connection if the stream fails (RESET, session lost)."""
+        self.attached = True
+        self._on_fail = on_fail
+
+    async def credit(self) -> int:
+        """Wait until the stream may send (a checkpoint); how many bytes it may now."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_sendable()
+            room = self._session._conn.send_capacity(self.stream_id)
+            if room > 0:
+                return room
+            self._session._pacer.waited(time.monotonic())
+            await self._lot.park()
+
+    def spend(self, nbytes: int) -> None:
+        """`nbytes` (at most what `credit` allowed) leave on the data connection."""
+        self._session._conn.spend(self.stream_id, nbytes)
+        self._session.bytes_out += nbytes  # the tunnel's bytes, whichever way they went
+
+    def took(self, nbytes: int) -> bool:
+        """`nbytes` arrived on the data connection and were consumed: credit goes
+        back as for DATA. False if the peer sent more than its credit."""
+        try:
+            if not self._session._conn.received(self.stream_id, nbytes):
+                return False
+        except ProtocolError:  # the session is gone: the stream fails with it
+            return True
+        self._session.bytes_in += nbytes
+        self._session._acknowledge(self.stream_id, nbytes)
+        return True
 
     def _wake(self) -> None:
         self._lot.unpark_all()
@@ -196,6 +255,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
     @property
     def finished(self) -> bool:
         return self._error is not None or (self._local_closed and self._recv_eof)
+
+    @property
+    def error(self) -> str | None:
+        """Why the stream failed (reset, session lost), or None."""
+        return self._error
 
     # -- trio.abc.Stream ------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -345,7 +409,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-StreamHandler = Callable[[MuxStream], Awaitable[None]]
+StreamHandler = Callable[[ClientStream], Awaitable[None]]
+Attacher = Callable[[MuxStream, bytes], ClientStream | None]
 
 
 class MuxSession:
@@ -363,13 +428,17 @@ class MuxSession:
         session_id: str = "",
         on_open: StreamHandler | None = None,
         on_event: Callable[[ev.Event], None] | None = None,
+        attach: Attacher | None = None,
         ping_burst: int = PING_BURST,
     ) -> None:
+        """`attach(stream, ticket)`: the stream to hand `on_open` for an ATTACH (its
+        bytes on the data connection that presented `ticket`), or None to refuse it."""
         self._ws = ws
         self._conn = conn
         self.session_id = session_id
         self._on_open = on_open
         self._on_event = on_event
+        self._attach = attach
         self._streams: dict[int, MuxStream] = {}
         self._wake_writer = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -453,13 +522,22 @@ class MuxSession:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def open_stream(self, client_ip: str, client_port: int, sni: str) -> MuxStream:
-        """Relay side: announce a client connection (raises LocalProtocolError at the limit)."""
+    def open_stream(
+        self, client_ip: str, client_port: int, sni: str, ticket: bytes | None = None
+    ) -> MuxStream:
+        """Relay side: announce a client connection (raises LocalProtocolError at the
+        limit); with `ticket`, one whose bytes travel on that data connection (ATTACH:
+        the caller attaches the stream to it)."""
         stream_id = self._conn.next_stream_id()
-        self._send(ev.Open(stream_id, client_ip, client_port, sni))
+        self._send(ev.Open(stream_id, client_ip, client_port, sni, ticket))
         stream = MuxStream(self, stream_id, client_ip, client_port, sni)
         self._add(stream)
         return stream
+
+    @property
+    def data_connections(self) -> bool:
+        """Both ends agreed on data connections in the handshake."""
+        return self._conn.data_connections
 
     def send(self, event: ev.Event) -> None:
         """Queue a control event (GOAWAY, BAN, PING...) for the writer."""
@@ -688,17 +766,27 @@ class MuxSession:
         if self._on_open is None or self._nursery is None:
             stream.reset(ev.ResetCode.REFUSED)
             return
-        self._nursery.start_soon(self._run_handler, stream)
+        served: ClientStream = stream
+        if event.ticket is not None:
+            attached = None if self._attach is None else self._attach(stream, event.ticket)
+            if attached is None:  # no such data connection here (any more)
+                log.warning("stream %d: ATTACH for an unknown data connection", stream.stream_id)
+                stream.reset(ev.ResetCode.REFUSED)
+                return
+            served = attached
+        self._nursery.start_soon(self._run_handler, stream, served)
 
-    async def _run_handler(self, stream: MuxStream) -> None:
+    async def _run_handler(self, stream: MuxStream, served: ClientStream) -> None:
         assert self._on_open is not None
         try:
-            await self._on_open(stream)
+            await self._on_open(served)
         except Exception as exc:  # one stream's failure must never end the session
             log.error("stream %d from %s failed: %r", stream.stream_id, stream.client_ip, exc)
             log.debug("stream failure", exc_info=True)
         finally:
-            if not stream.finished and not stream._detached:
+            if served is not stream:  # attached: its data connection ends too
+                served.reset(ev.ResetCode.CANCEL)  # a no-op once the handler closed it
+            elif not stream.finished and not stream._detached:
                 stream.reset(ev.ResetCode.CANCEL)
 
 

@@ -23,6 +23,11 @@ class FrameType(enum.IntEnum):
     GOAWAY = 0x09
     PING = 0x0A
     PONG = 0x0B
+    DIAL = 0x0C  # data connections (PROTOCOL.md section 11)
+    ATTACH = 0x0D
+
+
+TICKET_SIZE = 16  # bytes of a data connection's ticket
 
 
 class ResetCode(enum.IntEnum):
@@ -54,6 +59,7 @@ class Hello(Event):
     window: int  # per-stream receive window the home offers (relay's send credit)
     max_streams: int  # most concurrent streams the home accepts
     protocol: int = PROTOCOL_VERSION
+    data_connections: int = 0  # most data connections the home holds at once; 0: none
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,29 @@ class Welcome(Event):
     window: int  # per-stream receive window the relay offers (home's send credit)
     ping_interval: float  # seconds; the home pings at this interval
     protocol: int = PROTOCOL_VERSION
+    data_connections: int = 0  # idle data connections the relay keeps ready; 0: none
 
 
 @dataclass(frozen=True)
 class Open(Event):
-    """Relay -> home: a client connected for one of the session's hostnames."""
+    """Relay -> home: a client connected for one of the session's hostnames.
+
+    With a `ticket` (an ATTACH frame) the stream's bytes travel on the data
+    connection that presented it, and the session carries the rest (WINDOW, EOF,
+    RESET); without, in DATA frames (OPEN)."""
 
     stream_id: int
     client_ip: str
     client_port: int
     sni: str
+    ticket: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Dial(Event):
+    """Relay -> home: open a data connection to the relay, presenting `ticket`."""
+
+    ticket: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)

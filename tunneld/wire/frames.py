@@ -12,6 +12,7 @@ bytes it is fed. Sans-IO: no trio, no sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import math
@@ -22,9 +23,11 @@ from typing import Any, Final
 from tunneld.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tunneld.wire.events import (
     PROTOCOL_VERSION,
+    TICKET_SIZE,
     Ban,
     BanEntry,
     Data,
+    Dial,
     Eof,
     Event,
     FrameType,
@@ -60,6 +63,7 @@ _CONTROL: Final = frozenset(
         FrameType.GOAWAY,
         FrameType.PING,
         FrameType.PONG,
+        FrameType.DIAL,
     }
 )
 _JSON: Final = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.BAN, FrameType.GOAWAY})
@@ -70,6 +74,7 @@ _FIXED_LENGTH: Final = {
     FrameType.RESET: 4,
     FrameType.PING: PING_SIZE,
     FrameType.PONG: PING_SIZE,
+    FrameType.DIAL: TICKET_SIZE,
 }
 _OPEN_MIN: Final = 1 + 4 + 2 + 1 + 1  # IPv4, one SNI byte
 _OPEN_MAX: Final = 1 + 16 + 2 + 1 + MAX_SNI
@@ -127,7 +132,11 @@ def _encode_payload(event: Event) -> tuple[FrameType, int, bytes]:
         return FrameType.RESET, event.stream_id, _U32.pack(event.code)
     if isinstance(event, Open):
         _check_stream_id(event.stream_id, err)
-        return FrameType.OPEN, event.stream_id, _encode_open(event)
+        if event.ticket is None:
+            return FrameType.OPEN, event.stream_id, _encode_open(event)
+        return FrameType.ATTACH, event.stream_id, _check_ticket(event.ticket) + _encode_open(event)
+    if isinstance(event, Dial):
+        return FrameType.DIAL, 0, _check_ticket(event.ticket)
     if isinstance(event, Ping | Pong):
         if not isinstance(event.payload, bytes) or len(event.payload) != PING_SIZE:
             raise err(f"{type(event).__name__} payload must be exactly {PING_SIZE} bytes")
@@ -141,6 +150,8 @@ def _encode_payload(event: Event) -> tuple[FrameType, int, bytes]:
             "window": event.window,
             "max_streams": event.max_streams,
         }
+        if event.data_connections:  # absent means none: what a peer before it sends
+            obj["data_connections"] = event.data_connections
         _hello(obj, err)
         return FrameType.HELLO, 0, _dump_json(obj)
     if isinstance(event, Welcome):
@@ -151,6 +162,8 @@ def _encode_payload(event: Event) -> tuple[FrameType, int, bytes]:
             "window": event.window,
             "ping_interval": event.ping_interval,
         }
+        if event.data_connections:
+            obj["data_connections"] = event.data_connections
         _welcome(obj, err)
         return FrameType.WELCOME, 0, _dump_json(obj)
     if isinstance(event, Ban):
@@ -286,6 +299,8 @@ class FrameDecoder:
             raise err("empty DATA frame")
         if ftype is FrameType.OPEN and not _OPEN_MIN <= length <= _OPEN_MAX:
             raise err(f"OPEN payload of {length} bytes")
+        if ftype is FrameType.ATTACH and not _OPEN_MIN <= length - TICKET_SIZE <= _OPEN_MAX:
+            raise err(f"ATTACH payload of {length} bytes")
         if ftype in _JSON and length < 2:
             raise err(f"{ftype.name} payload of {length} bytes is not a JSON object")
         return ftype
@@ -316,6 +331,11 @@ def _decode_payload(ftype: FrameType, stream_id: int, payload: bytes) -> Event:
         return Reset(stream_id, _code(code))
     if ftype is FrameType.OPEN:
         return _decode_open(stream_id, payload)
+    if ftype is FrameType.ATTACH:
+        opened = _decode_open(stream_id, payload[TICKET_SIZE:])
+        return dataclasses.replace(opened, ticket=payload[:TICKET_SIZE])
+    if ftype is FrameType.DIAL:
+        return Dial(payload)
     if ftype is FrameType.PING:
         return Ping(payload)
     if ftype is FrameType.PONG:
@@ -447,7 +467,19 @@ def _hello(obj: dict[str, Any], err: ErrorType) -> Hello:
             _field(obj, "max_streams", kind, err), 1, MAX_U32, "HELLO max_streams", err
         ),
         protocol=protocol,
+        data_connections=_data_connections(obj, kind, err),
     )
+
+
+def _data_connections(obj: dict[str, Any], kind: str, err: ErrorType) -> int:
+    value = obj.get("data_connections", 0)
+    return _check_int(value, 0, MAX_U32, f"{kind} data_connections", err)
+
+
+def _check_ticket(ticket: object) -> bytes:
+    if not isinstance(ticket, bytes) or len(ticket) != TICKET_SIZE:
+        raise LocalProtocolError(f"a ticket is exactly {TICKET_SIZE} bytes")
+    return ticket
 
 
 def _welcome(obj: dict[str, Any], err: ErrorType) -> Welcome:
@@ -462,6 +494,7 @@ def _welcome(obj: dict[str, Any], err: ErrorType) -> Welcome:
         window=_check_int(_field(obj, "window", kind, err), 1, MAX_WINDOW, "WELCOME window", err),
         ping_interval=interval,
         protocol=protocol,
+        data_connections=_data_connections(obj, kind, err),
     )
 
 

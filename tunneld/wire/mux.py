@@ -23,6 +23,7 @@ Who may send what once the handshake is done::
 
     frame                               HOME -> RELAY   RELAY -> HOME
     OPEN                                no              yes (ids > 0, strictly increasing)
+    DIAL, ATTACH (an Open with ticket)  no              yes, if both offered data_connections
     BAN                                 yes             no
     DATA WINDOW EOF RESET PING PONG     yes             yes
     GOAWAY                              yes (any state) yes (any state)
@@ -103,6 +104,7 @@ from tunneld.wire.events import (
     Ban,
     ConnectionClosed,
     Data,
+    Dial,
     Eof,
     Event,
     FrameType,
@@ -180,6 +182,7 @@ _FRAME_TYPES: Final[dict[type[Event], FrameType]] = {
     GoAway: FrameType.GOAWAY,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
+    Dial: FrameType.DIAL,
 }
 
 _S = SessionState
@@ -206,7 +209,7 @@ _BOTH_WAYS: Final = frozenset(
 # After the handshake: the frame types each role may send.
 _MAY_SEND: Final = {
     Role.HOME: _BOTH_WAYS | {FrameType.BAN},
-    Role.RELAY: _BOTH_WAYS | {FrameType.OPEN},
+    Role.RELAY: _BOTH_WAYS | {FrameType.OPEN, FrameType.DIAL},
 }
 _PEER: Final = {Role.HOME: Role.RELAY, Role.RELAY: Role.HOME}
 _FLOW: Final = ResetCode.FLOW_CONTROL_ERROR
@@ -268,6 +271,8 @@ class Connection:
         self._goaway_received = False
         self._peer_window: int | None = None
         self._peer_max_streams: int | None = None
+        self._data_offer = 0  # data_connections in the Hello/Welcome we sent
+        self._peer_data_offer = 0  # and in the one we received
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0  # highest id ever opened (sent by the relay, seen by the home)
         self._next_id = 1  # relay: what next_stream_id hands out next
@@ -294,6 +299,11 @@ class Connection:
     @property
     def handshake_done(self) -> bool:
         return self._phase is SessionState.OPEN
+
+    @property
+    def data_connections(self) -> bool:
+        """Both ends offered data connections (DIAL, ATTACH) in the handshake."""
+        return self._data_offer > 0 and self._peer_data_offer > 0
 
     @property
     def window(self) -> int:
@@ -442,8 +452,10 @@ class Connection:
                     raise RemoteProtocolError(f"HELLO for protocol {event.protocol}")
                 self._peer_window = event.window
                 self._peer_max_streams = event.max_streams
+                self._peer_data_offer = event.data_connections
             elif isinstance(event, Welcome):
                 self._peer_window = event.window
+                self._peer_data_offer = event.data_connections
             self._phase = after
             return event
         if self._phase is not SessionState.OPEN:
@@ -469,7 +481,12 @@ class Connection:
                 return None
             self._forget(event.stream_id, st)
             return event
-        if isinstance(event, Open):
+        if isinstance(event, Open | Dial):
+            if (isinstance(event, Dial) or event.ticket is not None) and not self.data_connections:
+                name = "DIAL" if isinstance(event, Dial) else "ATTACH"
+                raise RemoteProtocolError(f"{name} without data connections agreed on")
+            if isinstance(event, Dial):
+                return event
             return self._receive_open(event)
         return event  # BAN, PING, PONG
 
@@ -573,6 +590,9 @@ class Connection:
             self._send_open(event)
         elif isinstance(event, Window):
             raise LocalProtocolError("WINDOW frames come from acknowledge(), not send()")
+        elif isinstance(event, Dial):
+            self._check_data_connections("DIAL")
+            self._queue_control(encode(event))
         else:  # BAN, PING, PONG
             self._queue_control(encode(event))
 
@@ -590,9 +610,17 @@ class Connection:
             )
         self._queue_control(frame)
         self._phase = after
+        if isinstance(event, Hello | Welcome):
+            self._data_offer = event.data_connections
+
+    def _check_data_connections(self, what: str) -> None:
+        if not self.data_connections:
+            raise LocalProtocolError(f"{what} without data connections agreed on")
 
     def _send_open(self, event: Open) -> None:
         frame = encode(event)
+        if event.ticket is not None:
+            self._check_data_connections("ATTACH")
         if self._goaway_sent or self._goaway_received:
             raise LocalProtocolError("no new streams once GOAWAY was sent or received")
         sid = event.stream_id
@@ -736,6 +764,43 @@ class Connection:
         if increment >= max(1, st.window >> self._grant_shift):
             st.recv_credit += increment
             self._queue_control(encode(Window(stream_id, increment)))
+
+    # --- attached streams: bytes on a data connection, credit here ----------------
+
+    def spend(self, stream_id: int, nbytes: int) -> None:
+        """`nbytes` of the stream leave on its data connection: they take send credit
+        as DATA would (LocalProtocolError over it, or after our EOF)."""
+        if self._error or self._closed:
+            raise LocalProtocolError("the connection is not open")
+        st = self._sendable(stream_id, "data")
+        if not 0 <= nbytes <= st.send_credit:
+            raise LocalProtocolError(
+                f"{nbytes} bytes on stream {stream_id} exceed its send credit"
+                f" of {st.send_credit} bytes",
+                _FLOW,
+            )
+        st.send_credit -= nbytes
+        self._data_out += nbytes
+
+    def received(self, stream_id: int, nbytes: int) -> bool:
+        """`nbytes` of the stream arrived on its data connection: they take receive
+        credit as DATA would; `acknowledge` them once consumed. False if they exceed
+        the credit (the peer broke flow control: reset the stream). An EOF frame on
+        an attached stream does not end its bytes (the data connection's end does),
+        so bytes after it are counted too. A forgotten stream's are dropped (True)."""
+        if self._error or self._closed:
+            raise LocalProtocolError("the connection is not open")
+        st = self._streams.get(stream_id)
+        if st is None:
+            if 0 < stream_id <= self._last_stream_id:
+                return True
+            raise LocalProtocolError(f"received on stream {stream_id}, never opened")
+        if nbytes > st.recv_credit:
+            return False
+        st.recv_credit -= nbytes
+        st.unacked += nbytes
+        self._data_in += nbytes
+        return True
 
     def tuner_statistics(self) -> TunerStatistics | None:
         return None if self._tuner is None else self._tuner.statistics()
