@@ -154,7 +154,7 @@ def _add_bans_parser(sub: Any) -> None:
 
 
 def _bans(args: argparse.Namespace) -> int:
-    from tunneld.home.banctl import bans_command
+    from tunneld.home.watchdog.banctl import bans_command
 
     return bans_command(
         args.config,
@@ -471,7 +471,7 @@ def _cert_show(path: str, as_json: bool) -> int:
     from cryptography import x509
 
     from tunneld.config import load_home_config
-    from tunneld.home.certs import CertificateStore, certificate_facts, is_self_signed
+    from tunneld.home.certs.store import CertificateStore, certificate_facts, is_self_signed
     from tunneld.pki import certificate_info
 
     # The file the daemon serves, read directly: works whether or not the daemon runs.

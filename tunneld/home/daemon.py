@@ -20,15 +20,15 @@ from tunneld.control import (
     serve_control,
 )
 from tunneld.errors import first_error
-from tunneld.home.acme import AcmeManager
-from tunneld.home.banctl import add_ban_routes
-from tunneld.home.bans import BANS_FILE, BanFile, BanList
-from tunneld.home.certs import CertificateStore
+from tunneld.home.certs.acme import AcmeManager
+from tunneld.home.certs.store import CertificateStore
 from tunneld.home.connector import Connector
 from tunneld.home.health import HealthChecks, token_facts
 from tunneld.home.reload import reload_daemon
 from tunneld.home.streams import StreamHandler
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.watchdog.banctl import add_ban_routes
+from tunneld.home.watchdog.bans import BANS_FILE, BanFile, BanList
+from tunneld.home.watchdog.core import Watchdog
 from tunneld.metrics import HomeCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.reload import Settings, TaskSlot
 from tunneld.systemd import notify, run_watchdog

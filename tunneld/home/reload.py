@@ -25,8 +25,8 @@ import trio
 
 from tunneld.config import HomeConfig
 from tunneld.errors import ConfigError
-from tunneld.home.acme import AcmeManager
-from tunneld.home.certs import CertificateStore
+from tunneld.home.certs.acme import AcmeManager
+from tunneld.home.certs.store import CertificateStore
 from tunneld.reload import (
     load_new,
     log_failure,

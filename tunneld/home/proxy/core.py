@@ -27,14 +27,14 @@ import trio
 
 from tunneld.config import UpstreamSection
 from tunneld.errors import LocalHttpError, RemoteHttpError
-from tunneld.home.http import (
+from tunneld.home.proxy.http import (
     error_response,
     forwarded_chain,
     is_upgrade,
     response_headers,
     upstream_request_headers,
 )
-from tunneld.home.http1 import (
+from tunneld.home.proxy.http1 import (
     CHUNKED_END,
     NEED_DATA,
     PAUSED,
@@ -50,8 +50,8 @@ from tunneld.home.http1 import (
     frame_request_head,
     frame_response_head,
 )
-from tunneld.home.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from tunneld.home.watchdog.core import Watchdog
 from tunneld.netaddr import normalize_ip
 from tunneld.transport.rawsock import RawSocketStream
 from tunneld.transport.session import MuxStream

@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from tunneld.config import IPNetwork, WatchdogSection, format_duration
-from tunneld.home.bans import BanList, BanRecord, ban_key, never_banned, parse_target
+from tunneld.home.watchdog.bans import BanList, BanRecord, ban_key, never_banned, parse_target
 from tunneld.netaddr import normalize_ip
 from tunneld.wire.events import BanEntry
 
