@@ -114,6 +114,21 @@ def _add_init_parser(sub: Any) -> None:
         help="agree to the ACME CA's terms of service (Let's Encrypt: "
         "https://letsencrypt.org/repository/); without it ACME stays off",
     )
+    p.add_argument(
+        "--lan-listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help='also serve on the home network ([lan] listen), e.g. "0.0.0.0:443" (repeat)',
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        dest="routes",
+        metavar="HOSTNAME=URL",
+        help="one more service: a [[route]] from HOSTNAME to the upstream URL (repeat)",
+    )
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -130,6 +145,8 @@ def _init(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             force=args.force,
             agree_tos=args.agree_tos,
+            lan_listen=args.lan_listen,
+            routes=args.routes,
         )
     )
     return 0
