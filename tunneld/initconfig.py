@@ -257,7 +257,7 @@ def _value(value: object) -> str:
 
 
 def _render(
-    header: str, tables: Mapping[str, Mapping[str, Any]], comments: Mapping[str, Mapping[str, str]]
+    header: str, tables: Mapping[str, Any], comments: Mapping[str, Mapping[str, str]]
 ) -> str:
     out = [header]
     for table, values in tables.items():
