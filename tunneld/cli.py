@@ -89,7 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
     _add_bans_parser(sub)
     _add_init_parser(sub)
+    _add_client_parser(sub)
     return parser
+
+
+def _add_client_parser(sub: Any) -> None:
+    client = sub.add_parser("client", help="client certificates for routes that ask for one")
+    csub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    p = csub.add_parser("issue", help="a password-protected PKCS#12 file for a device")
+    p.add_argument("--name", required=True, help="the device's name, e.g. phone")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("-o", "--out", type=Path, help="the .p12 file to write (default: NAME.p12)")
+    p.add_argument("--password-file", type=Path, help="read the password from this file")
+    p.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite the .p12 file")
+    p = csub.add_parser("list", help="the certificates issued, revoked ones marked")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = csub.add_parser("revoke", help="refuse a device's certificate from the next handshake")
+    p.add_argument("name")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from tunneld.home.certs.clients import client_command
+
+    return client_command(
+        args.config,
+        args.client_command,
+        name=getattr(args, "name", None),
+        out=getattr(args, "out", None),
+        password_file=getattr(args, "password_file", None),
+        days=getattr(args, "days", 825),
+        force=getattr(args, "force", False),
+        as_json=getattr(args, "json", False),
+    )
 
 
 def _add_init_parser(sub: Any) -> None:
@@ -250,6 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _bans(args)
     if cmd == "init":
         return _init(args)
+    if cmd == "client":
+        return _client(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
