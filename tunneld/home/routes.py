@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from tunneld.config import HomeConfig, RouteSection
+from tunneld.config import DEFAULT_CLIENT_NAME_HEADER, HomeConfig, RouteSection
 from tunneld.home.certs.clients import RouteContexts
 from tunneld.home.certs.store import CertificateStore
 from tunneld.home.proxy import Proxy
@@ -92,6 +92,12 @@ class RouteTable:
         """Build the routes of `config`; returns the proxies that are no longer used."""
         old = self.routes
         routes: dict[str, Route] = {}
+        # Every route's name header, and the default one, never passes from a client.
+        strip = frozenset(
+            {DEFAULT_CLIENT_NAME_HEADER.lower().encode("ascii")}
+            | {r.client_name_header.lower().encode("ascii") for r in config.route}
+        )
+        self.default.proxy.strip = strip
         for section in config.route:
             wd_config = section.watchdog_section(config.watchdog)
             if section.share_bans:
@@ -106,6 +112,7 @@ class RouteTable:
             proxy = Proxy(up, wd)
             proxy.hostnames = frozenset({section.hostname})
             proxy.name_header = section.client_name_header.lower().encode("ascii")
+            proxy.strip = strip
             routes[section.hostname] = Route(
                 section.hostname,
                 proxy.hostnames,

@@ -123,8 +123,9 @@ class Proxy:
         # them, or differs from the connection's SNI, gets 421. None: no check.
         self.hostnames: frozenset[str] | None = None
         # The header that carries the verified client certificate's name (lower case);
-        # a client's own copy is always removed.
+        # a client's own copy of it, and of every name in `strip`, is always removed.
         self.name_header: bytes | None = None
+        self.strip: frozenset[bytes] = frozenset()
         self.misdirected = 0  # 421 answers
         self.requests = 0
         self.upstream_failed = 0  # 502/504 answers and responses cut by the upstream
@@ -372,8 +373,10 @@ class _ClientConnection:
             request, client_ip, host, chunked=chunked, upgrade=upgrade
         )
         name_header = self.proxy.name_header
+        strip = self.proxy.strip
+        if strip:
+            headers = [(n, v) for n, v in headers if n.lower() not in strip]
         if name_header is not None:
-            headers = [(n, v) for n, v in headers if n.lower() != name_header]
             if self.client_name is not None:
                 headers.append((name_header, self.client_name.encode("ascii", "replace")))
         try:
