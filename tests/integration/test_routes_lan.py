@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import HOME_HOST, World, tunneld, wait_for
+from tests.integration.test_operations import socket_status
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +279,43 @@ def _add_routes(config: Path, routes: list[dict[str, Any]]) -> None:
     data = tomllib.loads(config.read_text())
     data["route"] = routes
     config.write_text(tomli_w.dumps(data))
+
+
+def test_a_reload_that_breaks_routes_keeps_the_running_ones(world: World) -> None:
+    world.start_app()
+    world.start_relay()
+    port = world.relay_port
+    token = world.issue_token(HOME_HOST, CAMS)
+    world.write_home_config(token)
+    good = [{"hostname": CAMS, "upstream": f"http://127.0.0.1:{world.app_port}"}]
+    _add_routes(world.home_config, good)
+    world.home = world.spawn("home", _run_args(world))
+    wait_for(
+        lambda: (world.status(world.home_config, world.home) or {}).get("state") == "connected",
+        what="home connected",
+    )
+    cams_url = f"https://{CAMS}:{port}/small"
+    bad_routes: list[list[dict[str, Any]]] = [
+        [*good, {"hostname": "nvr.test", "upstream": "http://127.0.0.1:1"}],  # not in token
+        [*good, {**good[0], "upstream": "http://127.0.0.1:2"}],  # overlapping
+        [{**good[0], "client_certificate": "required", "client_ca": "/nonexistent/ca.pem"}],
+    ]
+    for reloads, routes in enumerate(bad_routes, 1):
+        _add_routes(world.home_config, routes)
+        check = tunneld("check-config", "-c", str(world.home_config))
+        assert check.returncode == 2 and "[route " in check.stderr, check.stderr
+        assert "Traceback" not in check.stderr
+        world.home.popen.send_signal(signal.SIGHUP)
+        st = wait_for(
+            lambda n=reloads: _failed(world) >= n and socket_status(world, "home.sock"),
+            what="reload refused",
+        )
+        assert "[route " in st["config"]["last_error"]
+        ok = curl(world, CAMS, port, "127.0.0.1", cams_url)
+        assert ok.stdout == "hello tunnel\n", ok.stderr
+    assert world.home.alive()
+
+
+def _failed(world: World) -> int:
+    """Reloads refused so far, counted from the daemon's log."""
+    return world.home.log().count("reload failed")
