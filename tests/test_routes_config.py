@@ -172,3 +172,43 @@ def test_the_commented_route_example_carries_every_key() -> None:
     (route,) = raw["route"]
     keys = {f for f in RouteSection.__dataclass_fields__}
     assert set(route) == keys
+
+
+def test_init_writes_lan_and_routes_that_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunneld.cli import main
+
+    path = tmp_path / "tunneld.toml"
+    code = main(
+        [
+            "init",
+            "-o",
+            str(path),
+            "--token",
+            token("home.example.com", "cams.example.com"),
+            "--lan-listen",
+            "0.0.0.0:443",
+            "--lan-listen",
+            "[::]:443",
+            "--route",
+            "cams.example.com=http://192.168.1.20:5000",
+        ]
+    )
+    assert code == 0, capsys.readouterr()
+    text = path.read_text()
+    assert "[[route]]" in text and "# Where its requests go." in text
+    config = load_config(path)
+    assert isinstance(config, HomeConfig)
+    assert config.lan.listen == (("0.0.0.0", 443), ("::", 443))
+    assert [(r.hostname, r.upstream) for r in config.route] == [
+        ("cams.example.com", "http://192.168.1.20:5000")
+    ]
+    assert config.tls.hostnames == ("home.example.com", "cams.example.com")
+    # check-config prints the effective config with the route, and exits 0.
+    capsys.readouterr()
+    assert main(["check-config", "-c", str(path)]) in (0, 1)  # 1: ACME consent warning
+    shown = capsys.readouterr().out
+    assert '"route": [' in shown and '"hostname": "cams.example.com"' in shown
+    assert main(["init", "-o", str(tmp_path / "x.toml"), "--route", "nope"]) == 2
+    assert "--route" in capsys.readouterr().err

@@ -460,6 +460,7 @@ def _format_status(st: dict[str, Any]) -> str:
     lines.append(f"  relay       {st['relay']}")
     lines.append(f"  hostnames   {', '.join(st['hostnames'])}")
     lines.append(f"  upstream    {_upstream_text(st)}")
+    lines.extend(_paths_and_routes(st))
     if st.get("rtt_ms") is not None:
         lines.append(f"  ping        {st['rtt_ms']} ms")
     streams = st["streams"]
@@ -489,6 +490,27 @@ def _format_status(st: dict[str, Any]) -> str:
         lines.append(f"    ... and {len(bans) - 20} more (tunneld bans list)")
     lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
+
+
+def _paths_and_routes(st: dict[str, Any]) -> list[str]:
+    """The LAN path beside the relay's, and the [[route]]s (issue 17)."""
+    lines = []
+    lan = (st.get("paths") or {}).get("lan")
+    if lan and lan.get("state") == "listening":
+        lines.append(
+            f"  lan         listening on {', '.join(lan['listen'])}: "
+            f"{lan['active']} active, {lan['total']} total (serves with the relay down)"
+        )
+    routes = [r for r in st.get("routes") or () if r.get("name") != "default"]
+    for r in routes:
+        client = (
+            f", client certificate {r['client_certificate']}" if r.get("client_certificate") else ""
+        )
+        lines.append(
+            f"  route       {r['name']} -> {r['upstream']} ({r['preset']}{client}): "
+            f"{r['requests']} requests, {r['misdirected']} misdirected (421)"
+        )
+    return lines
 
 
 def _upstream_text(st: dict[str, Any]) -> str:

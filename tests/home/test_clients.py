@@ -51,3 +51,6 @@ def test_client_name_is_the_common_name() -> None:
     peer = {"subject": ((("organizationName", "x"),), (("commonName", "phone"),))}
     assert client_name(peer) == "phone"
     assert client_name(None) is None and client_name({}) is None
+    # Another CA's name goes into a header: nothing that could split or smuggle it.
+    evil = {"subject": ((("commonName", "a\r\nX-Admin: 1\u00e9"),),)}
+    assert client_name(evil) == "a??X-Admin: 1?"

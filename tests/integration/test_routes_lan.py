@@ -319,3 +319,55 @@ def test_a_reload_that_breaks_routes_keeps_the_running_ones(world: World) -> Non
 def _failed(world: World) -> int:
     """Reloads refused so far, counted from the daemon's log."""
     return world.home.log().count("reload failed")
+
+
+def test_a_route_added_by_reload_with_an_optional_client_certificate(
+    world: World, tmp_path: Path
+) -> None:
+    world.start_app()
+    world.start_relay()
+    port = world.relay_port
+    token = world.issue_token(HOME_HOST, CAMS)
+    world.start_home(token)
+    url = f"https://{CAMS}:{port}/headers"
+    before = curl(world, CAMS, port, "127.0.0.1", url)
+    assert before.returncode != 0  # not claimed yet: the relay knows no such name
+
+    _add_routes(
+        world.home_config,
+        [
+            {
+                "hostname": CAMS,
+                "upstream": f"http://127.0.0.1:{world.app_port}",
+                "client_certificate": "optional",
+                "client_name_header": "X-Device",
+            }
+        ],
+    )
+    world.home.popen.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (
+            CAMS in world.home_status()["hostnames"] and world.home_status()["state"] == "connected"
+        ),
+        what="route claimed",
+    )
+    # The bootstrap certificate follows the names: fetch the new one once it is served.
+    wait_for(
+        lambda: curl(world, CAMS, port, "127.0.0.1", url).returncode == 0,
+        what="cams served",
+    )
+    anonymous = curl(world, CAMS, port, "127.0.0.1", "-H", "X-Device: admin", url)
+    assert anonymous.returncode == 0, anonymous.stderr
+    assert "x-device" not in headers_of(anonymous.stdout)
+
+    password = tmp_path / "pw"
+    password.write_text("tablet-pw\n")
+    p12 = tmp_path / "tablet.p12"
+    tunneld(
+        "client", "issue", "--name", "tablet", "-c", str(world.home_config),
+        "--password-file", str(password), "-o", str(p12), check=True,
+    )  # fmt: skip
+    named = curl(world, CAMS, port, "127.0.0.1", "--cert-type", "P12", "--cert",
+                 f"{p12}:tablet-pw", url)  # fmt: skip
+    assert named.returncode == 0, named.stderr
+    assert headers_of(named.stdout)["x-device"] == ["tablet"]

@@ -111,7 +111,7 @@ class RouteTable:
             up = section.upstream_section(config.upstream)
             proxy = Proxy(up, wd)
             proxy.hostnames = frozenset({section.hostname})
-            proxy.name_header = section.client_name_header.lower().encode("ascii")
+            proxy.name_header = section.client_name_header.encode("ascii")
             proxy.strip = strip
             routes[section.hostname] = Route(
                 section.hostname,

@@ -258,13 +258,14 @@ class RouteContexts:
 
 
 def client_name(peer: dict[str, Any] | None) -> str | None:
-    """The verified client's name: its certificate's common name."""
+    """The verified client's name: its certificate's common name, printable ASCII only
+    (a CN from another CA may hold anything; it goes into a header)."""
     if not peer:
         return None
     for rdn in peer.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return str(value)
+                return "".join(c if " " <= c <= "~" else "?" for c in str(value))
     return None
 
 

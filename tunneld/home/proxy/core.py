@@ -122,8 +122,8 @@ class Proxy:
         # The names this proxy serves (its route's): a request whose Host is not one of
         # them, or differs from the connection's SNI, gets 421. None: no check.
         self.hostnames: frozenset[str] | None = None
-        # The header that carries the verified client certificate's name (lower case);
-        # a client's own copy of it, and of every name in `strip`, is always removed.
+        # The header that carries the verified client certificate's name; a client's
+        # own copy of every header in `strip` (lower case names: every route's) is removed.
         self.name_header: bytes | None = None
         self.strip: frozenset[bytes] = frozenset()
         self.misdirected = 0  # 421 answers
