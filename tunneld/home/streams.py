@@ -106,7 +106,13 @@ class StreamHandler:
         route = self.routes.for_sni(hello.sni)
         context = self.certs.context_for(hello)
         if context is self.certs.context:  # not an ACME challenge: the route's own
-            context = route.context(self.certs)
+            try:
+                context = route.context(self.certs)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self.tls_failed += 1
+                log.error("no TLS context for %s: %s", route.name, exc)
+                stream.reset(ResetCode.TLS_FAILED)
+                return
         tls = TLSStream(stream, context, server_side=True, prefix=first)
         try:
             with trio.fail_after(tls_cfg.handshake_timeout):

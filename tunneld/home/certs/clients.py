@@ -208,11 +208,13 @@ class ClientCA:
         write_certificate(crl.public_bytes(serialization.Encoding.PEM), self.crl_path)
 
 
-def _mtime(path: Path) -> int:
+def _mtime(path: Path) -> tuple[int, int, int]:
+    """Changes whenever the file is replaced (atomic writes make a new inode)."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
-        return 0
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class RouteContexts:
@@ -224,7 +226,8 @@ class RouteContexts:
         self.own_ca = route.client_ca is None
         self.ca = ClientCA(state_directory)
         self.ca_path = self.ca.ca_path if route.client_ca is None else route.client_ca
-        self._key: tuple[int, int, int] | None = None
+        self._base: ssl.SSLContext | None = None  # the instance context it was built on
+        self._mtimes: tuple[tuple[int, int, int], ...] | None = None
         self._context: ssl.SSLContext | None = None
 
     def prepare(self) -> None:
@@ -237,23 +240,34 @@ class RouteContexts:
 
     def context(self, certs: CertificateStore) -> ssl.SSLContext:
         crl = self.ca.crl_path if self.own_ca else None
-        key = (id(certs.context), _mtime(self.ca_path), _mtime(crl) if crl else 0)
-        if self._context is None or key != self._key:
+        mtimes = (_mtime(self.ca_path), _mtime(crl) if crl else (0, 0, 0))
+        if self._context is None or self._base is not certs.context or mtimes != self._mtimes:
             self._context = self._build(certs, crl)
-            self._key = key
+            self._base, self._mtimes = certs.context, mtimes
         return self._context
 
     def _build(self, certs: CertificateStore, crl: Path | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(certs.cert_path), str(certs.key_path))
         ctx.set_alpn_protocols(["http/1.1"])
-        ctx.load_verify_locations(cafile=str(self.ca_path))
-        if crl is not None:
-            ctx.load_verify_locations(cafile=str(crl))
-            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         required = self.route.client_certificate == "required"
         ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
         ctx.num_tickets = 0  # no resumption past a revoke
+        try:
+            ctx.load_verify_locations(cafile=str(self.ca_path))
+            if crl is not None:
+                ctx.load_verify_locations(cafile=str(crl))
+        except (OSError, ssl.SSLError) as exc:
+            # Fail closed: with no CA (or no CRL) loaded, no client certificate verifies.
+            log.error(
+                "route %s: cannot load the client CA %s or its CRL (%s); "
+                "every client certificate is refused until it is fixed",
+                self.route.hostname,
+                self.ca_path,
+                exc,
+            )
+        if crl is not None:
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return ctx
 
 
@@ -274,7 +288,7 @@ def is_certificate_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError):
-            text = f"{seen.reason or ''} {seen}".upper()
+            text = f"{getattr(seen, 'reason', None) or ''} {seen}".upper()
             if any(r in text for r in CERTIFICATE_FAILURES):
                 return True
         seen = seen.__cause__ or seen.__context__
