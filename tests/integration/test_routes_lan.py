@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import HOME_HOST, World, tunneld, wait_for
-from tests.integration.test_operations import socket_status
+from tests.integration.test_operations import control, socket_status
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +108,13 @@ def test_the_same_curl_through_the_relay_and_the_lan_then_with_the_relay_dead(
     assert st["paths"]["lan"]["state"] == "listening"
     assert st["paths"]["lan"]["listen"] == [f"{LAN_IP}:{port}"]
     assert st["paths"]["lan"]["total"] >= 2
+    code, metrics = control(world.root / "run" / "home.sock", "/metrics")
+    assert code == 200
+    lan_total = [
+        line for line in metrics.decode().splitlines()
+        if line.startswith("tunneld_lan_connections_total ")
+    ]  # fmt: skip
+    assert lan_total and float(lan_total[0].split()[1]) >= 2
 
     world.relay.stop(signal.SIGKILL)
     wait_for(lambda: world.home_status()["state"] != "connected", what="relay lost")
