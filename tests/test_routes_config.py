@@ -212,3 +212,21 @@ def test_init_writes_lan_and_routes_that_load(
     assert '"route": [' in shown and '"hostname": "cams.example.com"' in shown
     assert main(["init", "-o", str(tmp_path / "x.toml"), "--route", "nope"]) == 2
     assert "--route" in capsys.readouterr().err
+
+
+def test_check_config_says_when_no_client_certificate_was_issued(tmp_path: Path) -> None:
+    from tunneld.checks import check_home
+
+    path = home(
+        tmp_path,
+        f'[daemon]\nstate_directory = "{tmp_path / "state"}"\n'
+        '[[route]]\nhostname = "cams.test"\nupstream = "http://a:1"\n'
+        'client_certificate = "required"\n',
+    )
+    config = load_config(path)
+    assert isinstance(config, HomeConfig)
+    warnings = check_home(config).warnings
+    assert any("[route 1] client_certificate" in w and "client issue" in w for w in warnings)
+    (tmp_path / "state" / "clients").mkdir(parents=True)
+    (tmp_path / "state" / "clients" / "ca.pem").write_text("x")
+    assert not any("client_certificate" in w for w in check_home(config).warnings)

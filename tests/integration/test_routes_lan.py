@@ -378,3 +378,19 @@ def test_a_route_added_by_reload_with_an_optional_client_certificate(
                  f"{p12}:tablet-pw", url)  # fmt: skip
     assert named.returncode == 0, named.stderr
     assert headers_of(named.stdout)["x-device"] == ["tablet"]
+
+
+def test_a_lan_address_in_use_is_a_clear_error(world: World) -> None:
+    world.start_app()
+    world.start_relay()
+    with socket.socket() as busy:
+        busy.bind((LAN_IP, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        world.write_home_config(lan={"listen": [f"{LAN_IP}:{port}"]})
+        proc = world.spawn("home", _run_args(world))
+        code = proc.popen.wait(timeout=30)
+    assert code == 2
+    log = proc.log()
+    assert f"tunneld.toml: [lan] listen: cannot listen on {LAN_IP}:{port}" in log
+    assert "Traceback" not in log
