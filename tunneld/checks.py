@@ -171,6 +171,17 @@ def check_home(config: HomeConfig, now: float | None = None) -> Findings:
     if config.upstream.scheme == "https" and config.upstream.ca_file is not None:
         label = _label(path, "upstream", "ca_file")
         _attempt(findings, client_context, label, config.upstream.ca_file)
+    for i, route in enumerate(config.route, 1):
+        if route.upstream.startswith("https:") and route.ca_file is not None:
+            label = _label(path, f"route {i}", "ca_file")
+            _attempt(findings, client_context, label, route.ca_file)
+        own_ca = config.daemon.state_directory / "clients" / "ca.pem"
+        if route.client_certificate and route.client_ca is None and not own_ca.exists():
+            findings.warnings.append(
+                f"{_label(path, f'route {i}', 'client_certificate')}: no client certificate "
+                f"issued yet ({own_ca} does not exist); the daemon creates the CA when it "
+                f"starts, then `tunneld client issue --name NAME -c {path}` makes one"
+            )
     _check_token(config, findings, time.time() if now is None else now)
     if config.acme.enabled and not config.acme.agree_tos and config.tls.certificate is None:
         findings.warnings.append(

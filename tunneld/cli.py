@@ -89,7 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
     _add_bans_parser(sub)
     _add_init_parser(sub)
+    _add_client_parser(sub)
     return parser
+
+
+def _add_client_parser(sub: Any) -> None:
+    client = sub.add_parser("client", help="client certificates for routes that ask for one")
+    csub = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    p = csub.add_parser("issue", help="a password-protected PKCS#12 file for a device")
+    p.add_argument("--name", required=True, help="the device's name, e.g. phone")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("-o", "--out", type=Path, help="the .p12 file to write (default: NAME.p12)")
+    p.add_argument("--password-file", type=Path, help="read the password from this file")
+    p.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite the .p12 file")
+    p = csub.add_parser("list", help="the certificates issued, revoked ones marked")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = csub.add_parser("revoke", help="refuse a device's certificate from the next handshake")
+    p.add_argument("name")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from tunneld.home.certs.clients import client_command
+
+    return client_command(
+        args.config,
+        args.client_command,
+        name=getattr(args, "name", None),
+        out=getattr(args, "out", None),
+        password_file=getattr(args, "password_file", None),
+        days=getattr(args, "days", 825),
+        force=getattr(args, "force", False),
+        as_json=getattr(args, "json", False),
+    )
 
 
 def _add_init_parser(sub: Any) -> None:
@@ -114,6 +148,21 @@ def _add_init_parser(sub: Any) -> None:
         help="agree to the ACME CA's terms of service (Let's Encrypt: "
         "https://letsencrypt.org/repository/); without it ACME stays off",
     )
+    p.add_argument(
+        "--lan-listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help='also serve on the home network ([lan] listen), e.g. "0.0.0.0:443" (repeat)',
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        dest="routes",
+        metavar="HOSTNAME=URL",
+        help="one more service: a [[route]] from HOSTNAME to the upstream URL (repeat)",
+    )
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -130,6 +179,8 @@ def _init(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             force=args.force,
             agree_tos=args.agree_tos,
+            lan_listen=args.lan_listen,
+            routes=args.routes,
         )
     )
     return 0
@@ -154,7 +205,7 @@ def _add_bans_parser(sub: Any) -> None:
 
 
 def _bans(args: argparse.Namespace) -> int:
-    from tunneld.home.banctl import bans_command
+    from tunneld.home.watchdog.banctl import bans_command
 
     return bans_command(
         args.config,
@@ -233,6 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _bans(args)
     if cmd == "init":
         return _init(args)
+    if cmd == "client":
+        return _client(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
@@ -407,6 +460,7 @@ def _format_status(st: dict[str, Any]) -> str:
     lines.append(f"  relay       {st['relay']}")
     lines.append(f"  hostnames   {', '.join(st['hostnames'])}")
     lines.append(f"  upstream    {_upstream_text(st)}")
+    lines.extend(_paths_and_routes(st))
     if st.get("rtt_ms") is not None:
         lines.append(f"  ping        {st['rtt_ms']} ms")
     streams = st["streams"]
@@ -436,6 +490,27 @@ def _format_status(st: dict[str, Any]) -> str:
         lines.append(f"    ... and {len(bans) - 20} more (tunneld bans list)")
     lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
+
+
+def _paths_and_routes(st: dict[str, Any]) -> list[str]:
+    """The LAN path beside the relay's, and the [[route]]s (issue 17)."""
+    lines = []
+    lan = (st.get("paths") or {}).get("lan")
+    if lan and lan.get("state") == "listening":
+        lines.append(
+            f"  lan         listening on {', '.join(lan['listen'])}: "
+            f"{lan['active']} active, {lan['total']} total (serves with the relay down)"
+        )
+    routes = [r for r in st.get("routes") or () if r.get("name") != "default"]
+    for r in routes:
+        client = (
+            f", client certificate {r['client_certificate']}" if r.get("client_certificate") else ""
+        )
+        lines.append(
+            f"  route       {r['name']} -> {r['upstream']} ({r['preset']}{client}): "
+            f"{r['requests']} requests, {r['misdirected']} misdirected (421)"
+        )
+    return lines
 
 
 def _upstream_text(st: dict[str, Any]) -> str:
@@ -471,7 +546,7 @@ def _cert_show(path: str, as_json: bool) -> int:
     from cryptography import x509
 
     from tunneld.config import load_home_config
-    from tunneld.home.certs import CertificateStore, certificate_facts, is_self_signed
+    from tunneld.home.certs.store import CertificateStore, certificate_facts, is_self_signed
     from tunneld.pki import certificate_info
 
     # The file the daemon serves, read directly: works whether or not the daemon runs.

@@ -33,9 +33,11 @@ __all__ = [
     "HomeConfig",
     "HomeRelaySection",
     "IPNetwork",
+    "LanSection",
     "Listen",
     "RelayConfig",
     "RelaySection",
+    "RouteSection",
     "TlsSection",
     "UpstreamSection",
     "WatchdogSection",
@@ -356,6 +358,57 @@ class DaemonSection:
 
 
 @dataclass(frozen=True)
+class LanSection:
+    """A listener on the home network: the same names, certificate, proxy and watchdog."""
+
+    listen: tuple[Listen, ...] = ()  # off by default; e.g. ["0.0.0.0:443", "[::]:443"]
+
+
+CLIENT_CERTIFICATE_MODES = ("", "optional", "required")
+DEFAULT_CLIENT_NAME_HEADER = "X-Tunneld-Client"
+
+
+@dataclass(frozen=True)
+class RouteSection:
+    """One `[[route]]`: a hostname served by its own upstream. Unset keys (None, "")
+    take the value of `[upstream]` / `[watchdog]`."""
+
+    hostname: str
+    upstream: str
+    connect_timeout: float | None = None
+    ca_file: Path | None = None
+    verify: bool = True
+    header_timeout: float | None = None
+    idle_timeout: float | None = None
+    response_timeout: float | None = None
+    preset: str = ""  # "": [watchdog] preset
+    trusted_proxies: tuple[IPNetwork, ...] | None = None  # None: [watchdog] trusted_proxies
+    share_bans: bool = True  # a ban earned here covers every route, and the relay's edge
+    client_ca: Path | None = None  # None: the daemon's own CA (`tunneld client issue`)
+    client_certificate: str = ""  # "", "optional" or "required"
+    client_name_header: str = DEFAULT_CLIENT_NAME_HEADER
+
+    def upstream_section(self, base: UpstreamSection) -> UpstreamSection:
+        given = {
+            k: getattr(self, k)
+            for k in ("connect_timeout", "header_timeout", "idle_timeout", "response_timeout")
+            if getattr(self, k) is not None
+        }
+        return dataclasses.replace(
+            base, url=self.upstream, ca_file=self.ca_file, verify=self.verify, **given
+        )
+
+    def watchdog_section(self, base: WatchdogSection) -> WatchdogSection:
+        return dataclasses.replace(
+            base,
+            preset=self.preset or base.preset,
+            trusted_proxies=(
+                base.trusted_proxies if self.trusted_proxies is None else self.trusted_proxies
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class HomeConfig:
     path: Path
     relay: HomeRelaySection
@@ -364,6 +417,9 @@ class HomeConfig:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
+    lan: LanSection = field(default_factory=LanSection)
+    # `[[route]]` tables; their hostnames are also in `tls.hostnames` (claimed, certified).
+    route: tuple[RouteSection, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -1039,6 +1095,19 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
     )
     _check_windows(ctx, "daemon", daemon_values, DaemonSection)
     daemon = DaemonSection(**daemon_values)
+    lan = LanSection(
+        **_section(
+            ctx,
+            "lan",
+            _table(ctx, data, "lan"),
+            LanSection,
+            {"listen": _string_list(_listen_item, '"host:port" strings', single_ok=True)},
+        )
+    )
+    routes = _routes(ctx, data, relay, tls)
+    extra = tuple(r.hostname for r in routes if r.hostname not in tls.hostnames)
+    if extra:  # claimed from the relay and certified like the [tls] names
+        tls = dataclasses.replace(tls, hostnames=tls.hostnames + extra)
     return HomeConfig(
         path=Path(ctx.label).absolute(),
         relay=relay,
@@ -1047,7 +1116,154 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
         upstream=upstream,
         watchdog=watchdog,
         daemon=daemon,
+        lan=lan,
+        route=routes,
     )
+
+
+def _header_name(value: object) -> str:
+    text = _string(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", text):
+        raise _Invalid(f"expected an HTTP header name, got {_show(value)}")
+    if text.lower() in ("host", "x-forwarded-for", "forwarded", "x-forwarded-proto"):
+        raise _Invalid(f"{_show(value)} is a header the proxy already sets")
+    return text
+
+
+def _routes(
+    ctx: _Ctx, data: Mapping[str, object], relay: HomeRelaySection, tls: TlsSection
+) -> tuple[RouteSection, ...]:
+    """`[[route]]` tables: each checked alone, then against each other, the token and
+    the configured certificate. Errors name the route as `[route N]` (1-based)."""
+    raw = data.get("route", [])
+    if isinstance(raw, dict):
+        raise ConfigError(f"{ctx.label}: [route]: write [[route]] (a list of tables), not [route]")
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ConfigError(f"{ctx.label}: [[route]]: expected tables, got {_show(raw)}")
+    optional_path = _path(ctx.base, optional=True)
+    networks = _string_list(_network, 'CIDR strings like "192.168.1.0/24"')
+    routes: list[RouteSection] = []
+    seen: dict[str, str] = {}
+    for i, table in enumerate(raw, 1):
+        name = f"route {i}"
+        values = _section(
+            ctx,
+            name,
+            table,
+            RouteSection,
+            {
+                "hostname": _hostname,
+                "upstream": _http_url,
+                "connect_timeout": _duration(empty_is_none=True),
+                "ca_file": optional_path,
+                "verify": _boolean,
+                "header_timeout": _duration(empty_is_none=True),
+                "idle_timeout": _duration(empty_is_none=True),
+                "response_timeout": _duration(empty_is_none=True),
+                "preset": _choice(("", "home-assistant", "generic")),
+                "trusted_proxies": networks,
+                "share_bans": _boolean,
+                "client_ca": optional_path,
+                "client_certificate": _choice(CLIENT_CERTIFICATE_MODES),
+                "client_name_header": _header_name,
+            },
+        )
+        route = RouteSection(**values)
+        if route.hostname in seen:
+            raise ctx.error(
+                name,
+                "hostname",
+                f"{route.hostname} is already the hostname of [{seen[route.hostname]}]",
+            )
+        seen[route.hostname] = name
+        if route.client_ca is not None and not route.client_certificate:
+            raise ctx.error(
+                name, "client_ca", 'set client_certificate = "required" or "optional" to use it'
+            )
+        if route.client_ca is not None:
+            problem = _client_ca_problem(route.client_ca)
+            if problem:
+                raise ctx.error(name, "client_ca", problem)
+        routes.append(route)
+    if routes:
+        _check_route_names(ctx, routes, relay, tls)
+    return tuple(routes)
+
+
+def _client_ca_problem(path: Path) -> str | None:
+    from cryptography import x509
+
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return f"{path} holds no PEM certificate"
+    if not certs:
+        return f"{path} holds no PEM certificate"
+    return None
+
+
+def _check_route_names(
+    ctx: _Ctx, routes: list[RouteSection], relay: HomeRelaySection, tls: TlsSection
+) -> None:
+    """Every route's name must be one the token allows and, for a certificate given as
+    files, one it covers (ACME orders one certificate for all names)."""
+    from tunneld.errors import TokenError
+    from tunneld.tokens import decode_claims_unverified
+
+    try:
+        allowed = decode_claims_unverified(relay.token).hostnames
+    except TokenError:
+        allowed = None  # the [relay] token checks report a broken token
+    if allowed is not None:
+        for i, route in enumerate(routes, 1):
+            if route.hostname not in allowed:
+                raise ctx.error(
+                    f"route {i}",
+                    "hostname",
+                    f"{route.hostname} is not among the token's hostnames "
+                    f"({', '.join(allowed)}); issue a token that lists it",
+                )
+    if tls.certificate is None:
+        return
+    sans = _certificate_names(tls.certificate)
+    if sans is None:
+        return  # unreadable now: the daemon names the file when it starts
+    for i, route in enumerate(routes, 1):
+        if not _covered(route.hostname, sans):
+            raise ctx.error(
+                f"route {i}",
+                "hostname",
+                f"{route.hostname} is not among the names of [tls] certificate "
+                f"{tls.certificate} ({', '.join(sans) or 'none'})",
+            )
+
+
+def _certificate_names(path: Path) -> tuple[str, ...] | None:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(n.lower().rstrip(".") for n in ext.value.get_values_for_type(x509.DNSName))
+
+
+def _covered(hostname: str, sans: tuple[str, ...]) -> bool:
+    for san in sans:
+        if san == hostname:
+            return True
+        if san.startswith("*.") and "." in hostname:
+            if hostname.split(".", 1)[1] == san[2:]:
+                return True
+    return False
 
 
 def _home_token(ctx: _Ctx, raw: Mapping[str, object], token_file: object) -> str:
@@ -1091,6 +1307,18 @@ def _home_token(ctx: _Ctx, raw: Mapping[str, object], token_file: object) -> str
 _LISTEN_KEYS = {"listen", "http_listen", "metrics_listen"}
 
 
+def _masked_section(section: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for sf in dataclasses.fields(section):
+        if not sf.init:
+            continue
+        value = getattr(section, sf.name)
+        if isinstance(section, RouteSection) and value is None:
+            continue  # inherited from [upstream] / [watchdog]
+        table[sf.name] = _plain(sf.name, value)
+    return table
+
+
 def _plain(key: str, value: object) -> object:
     if value is None:
         return ""
@@ -1115,6 +1343,10 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
         if f.name == "path":
             continue
         section = getattr(config, f.name)
+        if f.name == "route":
+            if section:
+                out["route"] = [_masked_section(r) for r in section]
+            continue
         table: dict[str, Any] = {}
         for sf in dataclasses.fields(section):
             if not sf.init:

@@ -104,7 +104,7 @@ class SessionRefused(TunneldError):
 
 
 class HttpError(TunneldError):
-    """An HTTP/1.1 message broke the rules of `tunneld.home.http1` (sans-IO, h11 style).
+    """An HTTP/1.1 message broke the rules of `tunneld.home.proxy.http1` (sans-IO, h11 style).
 
     `status_hint` is the status a server answers a bad request with.
     """

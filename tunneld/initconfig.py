@@ -25,12 +25,17 @@ from tunneld.config import (
     AcmeSection,
     HomeConfig,
     HomeRelaySection,
+    LanSection,
+    Listen,
     RelayConfig,
     RelaySection,
+    RouteSection,
     TlsSection,
     UpstreamSection,
     load_config,
     masked,
+    normalize_hostname,
+    parse_listen,
 )
 from tunneld.errors import ConfigError
 
@@ -177,6 +182,18 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             " TLS bytes."
         ),
     },
+    "lan": {
+        "listen": (
+            'Also serve the hostnames on the home network, e.g. ["0.0.0.0:443", "[::]:443"]:'
+            " the same certificate, proxy and watchdog, and it works while the relay is"
+            " unreachable. [] = off."
+        ),
+    },
+}
+
+ROUTE_COMMENTS: dict[str, str] = {
+    "hostname": "A hostname this route serves (in the token and the certificate).",
+    "upstream": "Where its requests go.",
 }
 
 RELAY_COMMENTS: dict[str, dict[str, str]] = {
@@ -250,10 +267,19 @@ def _value(value: object) -> str:
 
 
 def _render(
-    header: str, tables: Mapping[str, Mapping[str, Any]], comments: Mapping[str, Mapping[str, str]]
+    header: str, tables: Mapping[str, Any], comments: Mapping[str, Mapping[str, str]]
 ) -> str:
     out = [header]
     for table, values in tables.items():
+        if table == "route":
+            for route in values:
+                out.append("\n[[route]]\n")
+                for key, value in route.items():
+                    comment = ROUTE_COMMENTS.get(key)
+                    if comment:
+                        out.extend(f"# {line}\n" for line in textwrap.wrap(comment, WIDTH))
+                    out.append(f"{key} = {_value(value)}\n")
+            continue
         out.append(f"\n[{table}]\n")
         for key, value in values.items():
             comment = comments.get(table, {}).get(key)
@@ -272,6 +298,8 @@ def home_config_text(
     hostnames: Sequence[str] = ("home.example.com",),
     upstream: str = "http://127.0.0.1:8123",
     agree_tos: bool = False,
+    lan_listen: Sequence[str] = (),
+    routes: Sequence[str] = (),
 ) -> str:
     """A complete home config; without token or token_file it holds a placeholder."""
     if token is not None and token_file is not None:
@@ -288,7 +316,39 @@ def home_config_text(
         )
     except ValueError as exc:  # the upstream URL, checked by its dataclass
         raise ConfigError(f"--upstream: {exc}") from None
+    lan: list[Listen] = []
+    for text in lan_listen:
+        try:
+            lan.append(parse_listen(text))
+        except ValueError as exc:
+            raise ConfigError(f"--lan-listen: {exc}") from None
+    route_sections: list[RouteSection] = []
+    for text in routes:
+        host, sep, url = text.partition("=")
+        try:
+            if not sep:
+                raise ValueError(f'expected HOSTNAME=URL, got "{text}"')
+            UpstreamSection(url=url.strip())
+            route_sections.append(
+                RouteSection(hostname=normalize_hostname(host.strip()), upstream=url.strip())
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--route: {exc}") from None
+    config = dataclasses.replace(
+        config,
+        lan=LanSection(listen=tuple(lan)),
+        route=tuple(route_sections),
+        tls=TlsSection(
+            hostnames=tuple(
+                dict.fromkeys([*config.tls.hostnames, *(r.hostname for r in route_sections)])
+            )
+        ),
+    )
     tables = masked(config)
+    for route in tables.get("route", []):  # only what was given; the rest inherits
+        for key in list(route):
+            if key not in ROUTE_COMMENTS:
+                del route[key]
     relay = dict(tables["relay"])
     # masked() hides the token; here it is the point. Keep the conf/ key order.
     ordered = {"url": relay.pop("url"), "token": "" if token_file else token or PLACEHOLDER_TOKEN}
@@ -360,11 +420,22 @@ def init_command(
     upstream: str | None = None,
     force: bool = False,
     agree_tos: bool = False,
+    lan_listen: Sequence[str] = (),
+    routes: Sequence[str] = (),
 ) -> str:
     """`tunneld init`: write the file; returns what to tell the user (never the token)."""
     output = Path(output)
     if role == "relay":
-        if relay_url or token or token_file or upstream or agree_tos or len(hostnames) > 1:
+        if (
+            relay_url
+            or token
+            or token_file
+            or upstream
+            or agree_tos
+            or lan_listen
+            or routes
+            or len(hostnames) > 1
+        ):
             raise ConfigError(
                 "--role relay takes only --hostname (the relay's own name) and -o/--force"
             )
@@ -387,6 +458,8 @@ def init_command(
         token=token,
         token_file=Path(token_file).absolute() if token_file else None,
         agree_tos=agree_tos,
+        lan_listen=lan_listen,
+        routes=routes,
         **home,
     )
     write_config(output, text, force=force)

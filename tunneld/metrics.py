@@ -102,6 +102,39 @@ def _certificate(prefix: str, cert: object, now: float) -> Iterator[Metric]:
         )
 
 
+def _home_paths_and_routes(st: Mapping[str, Any]) -> Iterator[Metric]:
+    """The LAN listener, routes and client certificates (issue 17)."""
+    lan = (st.get("paths") or {}).get("lan") or {}
+    yield _gauge(
+        "tunneld_lan_connections_active",
+        "Connections being served by the [lan] listener.",
+        lan.get("active", 0),
+    )
+    yield _counter(
+        "tunneld_lan_connections",
+        "Connections accepted by the [lan] listener.",
+        lan.get("total", 0),
+    )
+    yield _counter(
+        "tunneld_client_certificate_refused",
+        "Handshakes refused for want of a valid client certificate.",
+        (st.get("streams") or {}).get("certificate_refused", 0),
+    )
+    requests = CounterMetricFamily(
+        "tunneld_route_requests", "Requests per route.", labels=["route"]
+    )
+    misdirected = CounterMetricFamily(
+        "tunneld_route_misdirected",
+        "421 answers per route: a Host that names no route or differs from the SNI.",
+        labels=["route"],
+    )
+    for route in st.get("routes") or []:
+        requests.add_metric([route["name"]], route.get("requests", 0))
+        misdirected.add_metric([route["name"]], route.get("misdirected", 0))
+    yield requests
+    yield misdirected
+
+
 class HomeCollector:
     """The home daemon's metrics, read from `Daemon.status()` at each scrape."""
 
@@ -156,6 +189,7 @@ class HomeCollector:
         errors.add_metric(["tls_failed"], streams.get("tls_failed", 0))
         errors.add_metric(["upstream_failed"], streams.get("upstream_failed", 0))
         yield errors
+        yield from _home_paths_and_routes(st)
         traffic = CounterMetricFamily(
             "tunneld_tunnel_bytes",
             "Bytes on the relay session (in: from the relay, out: to the relay).",

@@ -103,6 +103,10 @@ def changed_keys(old: HomeConfig | RelayConfig, new: HomeConfig | RelayConfig) -
         if table.name == "path":
             continue
         a, b = getattr(old, table.name), getattr(new, table.name)
+        if not dataclasses.is_dataclass(a):  # a list of tables ([[route]])
+            if a != b:
+                out.append(f"[[{table.name}]]")
+            continue
         for f in dataclasses.fields(a):
             if f.init and getattr(a, f.name) != getattr(b, f.name):
                 out.append(f"[{table.name}] {f.name}")

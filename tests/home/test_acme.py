@@ -26,7 +26,7 @@ from josepy.jwk import JWKEC
 from tunneld.cli import _format_status, main
 from tunneld.config import HomeConfig, load_home_config
 from tunneld.errors import ConfigError
-from tunneld.home.acme import (
+from tunneld.home.certs.acme import (
     ACME_IDENTIFIER_OID,
     TLSALPN01,
     AcmeManager,
@@ -36,7 +36,7 @@ from tunneld.home.acme import (
     load_account_key,
     make_csr,
 )
-from tunneld.home.certs import ACME_TLS_ALPN, CertificateStore
+from tunneld.home.certs.store import ACME_TLS_ALPN, CertificateStore
 from tunneld.pki import PrivateKey, generate_private_key, issue_certificate, make_ca
 from tunneld.wire.clienthello import ClientHello, parse_client_hello
 

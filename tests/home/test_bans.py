@@ -20,7 +20,7 @@ import trio.testing
 
 from tunneld.config import load_config
 from tunneld.errors import ConfigError, TunneldError
-from tunneld.home.bans import (
+from tunneld.home.watchdog.bans import (
     BanFile,
     BanList,
     BanRecord,
@@ -134,7 +134,7 @@ def test_stale_temp_files_are_removed_on_load(tmp_path: Path) -> None:
 CHURN = textwrap.dedent(
     """
     import sys, random
-    from tunneld.home.bans import BanFile, BanRecord
+    from tunneld.home.watchdog.bans import BanFile, BanRecord
     file = BanFile(sys.argv[1])
     bans = {r.ip: r for r in file.load()}
     rng = random.Random(int(sys.argv[2]))

@@ -1,4 +1,4 @@
-"""tunneld.home.http1 without sockets: two peers in memory, as h11's own tests do.
+"""tunneld.home.proxy.http1 without sockets: two peers in memory, as h11's own tests do.
 
 The client side frames with `frame_*` (or writes raw bytes, for what a hostile
 client sends); the other side is a `RequestReader` / `ResponseReader` fed those
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunneld.errors import LocalHttpError, RemoteHttpError
-from tunneld.home.http1 import (
+from tunneld.home.proxy.http1 import (
     CHUNKED_END,
     NEED_DATA,
     PAUSED,

@@ -23,11 +23,11 @@ import trio.testing
 
 from tunneld.config import UpstreamSection, WatchdogSection
 from tunneld.demoapp import serve_app
-from tunneld.home.http import response_headers, upstream_request_headers
-from tunneld.home.http1 import Request, Response
-from tunneld.home.proxy import Proxy
-from tunneld.home.upstream import UpstreamPool
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.proxy.core import Proxy
+from tunneld.home.proxy.http import response_headers, upstream_request_headers
+from tunneld.home.proxy.http1 import Request, Response
+from tunneld.home.proxy.upstream import UpstreamPool
+from tunneld.home.watchdog.core import Watchdog
 from tunneld.pki import (
     generate_private_key,
     issue_certificate,

@@ -15,9 +15,9 @@ import trio.testing
 
 from tunneld.config import UpstreamSection, WatchdogSection
 from tunneld.demoapp import LOGIN_PASSWORD, LOGIN_USER, serve_app
-from tunneld.home.bans import BanList
-from tunneld.home.proxy import Proxy
-from tunneld.home.watchdog import (
+from tunneld.home.proxy.core import Proxy
+from tunneld.home.watchdog.bans import BanList
+from tunneld.home.watchdog.core import (
     PEEK_BYTES,
     Watchdog,
     client_address,

@@ -22,7 +22,7 @@ from tests.integration.harness import HOME_HOST, World, iter_recv, split_respons
 from tunneld.control import get_json, request
 from tunneld.demoapp import LOGIN_PASSWORD, LOGIN_USER
 from tunneld.errors import ControlError, NotRunningError
-from tunneld.home.bans import BanFile
+from tunneld.home.watchdog.bans import BanFile
 
 pytestmark = pytest.mark.integration
 

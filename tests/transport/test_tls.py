@@ -3,7 +3,7 @@ streams, and as the client side of its session to the relay.
 
 No sockets: `memory_stream_pair` buffers without limit, `lockstep_stream_pair` makes
 every send_all wait for the peer's receive_some (which is what exposes ordering
-deadlocks). The server context is the daemon's own (`tunneld.home.certs.server_context`).
+deadlocks). The server context is the daemon's own (`tunneld.home.certs.store.server_context`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from tunneld.home.certs import server_context
+from tunneld.home.certs.store import server_context
 from tunneld.pki import (
     generate_private_key,
     issue_certificate,

@@ -22,8 +22,8 @@ from tunneld import __version__
 from tunneld.checks import client_context
 from tunneld.config import HomeConfig, format_listen, split_connect_to
 from tunneld.errors import ProtocolError, SessionRefused, first_error
-from tunneld.home.bans import BanList
 from tunneld.home.dataconns import DataDialer
+from tunneld.home.watchdog.bans import BanList
 from tunneld.transport.channel import ChannelClosed, open_channel
 from tunneld.transport.rawsock import SESSION_UNSENT, RawSocketStream, raw_stream
 from tunneld.transport.session import (

@@ -21,15 +21,16 @@ from tunneld.control import (
     serve_control,
 )
 from tunneld.errors import first_error
-from tunneld.home.acme import AcmeManager
-from tunneld.home.banctl import add_ban_routes
-from tunneld.home.bans import BANS_FILE, BanFile, BanList
-from tunneld.home.certs import CertificateStore
+from tunneld.home.certs.acme import AcmeManager
+from tunneld.home.certs.store import CertificateStore
 from tunneld.home.connector import Connector, ConnectorState
 from tunneld.home.health import HealthChecks, token_facts
+from tunneld.home.lan import LanListener
 from tunneld.home.reload import reload_daemon
 from tunneld.home.streams import StreamHandler
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.watchdog.banctl import add_ban_routes
+from tunneld.home.watchdog.bans import BANS_FILE, BanFile, BanList
+from tunneld.home.watchdog.core import Watchdog
 from tunneld.metrics import HomeCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.reload import Settings, TaskSlot
 from tunneld.systemd import notify, run_watchdog
@@ -52,6 +53,7 @@ class Daemon:
         self.watchdog = Watchdog(config.watchdog, self.bans)
         self.streams = StreamHandler(config, self.certs, self.watchdog)
         self.connector = Connector(config, self.streams, self.watchdog)
+        self.lan = LanListener(self.streams)
         self._stop = trio.Event()
         self.health = HealthChecks(lambda: self.config)
         self.acme = TaskSlot(AcmeManager(config, self.certs, ready=self.is_connected).run)
@@ -83,6 +85,10 @@ class Daemon:
                 self.metrics_listening = await root.start(
                     partial(serve_metrics, label=label), listen, self.metrics
                 )
+            if self.config.lan.listen:
+                # Before the session: the LAN path never waits for the relay.
+                label = f"{self.config.path}: [lan] listen"
+                await root.start(partial(self.lan.run, label=label), self.config.lan.listen)
             await root.start(self.connector.run)
             # Orders wait for the session: the CA reaches us only through the relay.
             await root.start(self.acme.run)
@@ -149,8 +155,19 @@ class Daemon:
                 "banned": streams.banned,
                 "tls_failed": streams.tls_failed,
                 "upstream_failed": streams.upstream_failed,
-                "websockets": self.streams.proxy.websockets,
+                "websockets": self.streams.routes.websockets,
+                "certificate_refused": self.streams.certificate_refused,
             },
+            # How clients reach us: through the relay, and straight on the home network.
+            "paths": {
+                "relay": {"url": self.config.relay.url, "state": st.state},
+                "lan": (
+                    {"state": "listening", **self.lan.status()}
+                    if self.lan.listening
+                    else {"state": "off", "listen": [], "active": 0, "total": 0}
+                ),
+            },
+            "routes": self.streams.routes.status(),
             "bytes": {"in": bytes_in, "out": bytes_out},
             "upstream": self.config.upstream.url,
             "upstream_check": self.health.status(),

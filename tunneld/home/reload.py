@@ -7,13 +7,14 @@ new config is handed to each component, which reads it at use time:
 * `[relay]` and `[tls] hostnames` (and the HELLO limits): a fresh session is
   opened with them while the current one keeps serving; once the fresh one is
   up, the old one drains its open streams (WebSockets, downloads) and closes.
-* `[upstream]`: new requests go to the new upstream; exchanges under way finish.
+* `[upstream]`, `[[route]]`: new requests go to the new upstream, new connections
+  to the new routes; exchanges under way finish.
 * `[watchdog]`, `[daemon] max_streams`, timeouts: read at their next use.
 * `[tls]` / `[acme]`: the certificate is reloaded (files re-read, the bootstrap
   one follows the hostnames) and the ACME manager restarts with the new names.
 * `log_level`: at once.
-* `[daemon] state_directory`, `control_socket`, `metrics_listen`: need a
-  restart; they keep their running values and are named in the log and status.
+* `[daemon] state_directory`, `control_socket`, `metrics_listen`, `[lan] listen`:
+  need a restart; they keep their running values and are named in the log and status.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import trio
 
 from tunneld.config import HomeConfig
 from tunneld.errors import ConfigError
-from tunneld.home.acme import AcmeManager
-from tunneld.home.certs import CertificateStore
+from tunneld.home.certs.acme import AcmeManager
+from tunneld.home.certs.store import CertificateStore
+from tunneld.home.routes import RouteTable
 from tunneld.reload import (
     load_new,
     log_failure,
@@ -47,6 +49,7 @@ RESTART_ONLY = (
     ("daemon", "state_directory"),
     ("daemon", "control_socket"),
     ("daemon", "metrics_listen"),
+    ("lan", "listen"),
 )
 
 
@@ -86,6 +89,11 @@ async def reload_daemon(daemon: Daemon) -> bool:
                 log_failure(settings, str(exc))
                 return False
         try:
+            contexts = RouteTable.prepare(new)  # the client CA of routes that ask for one
+        except ConfigError as exc:
+            log_failure(settings, str(exc))
+            return False
+        try:
             daemon.connector.reconfigure(new)
         except ConfigError as exc:  # names [relay] ca_file
             log_failure(settings, str(exc))
@@ -94,10 +102,8 @@ async def reload_daemon(daemon: Daemon) -> bool:
         # Nothing below can fail.
         settings.replace(new, result.needs_restart)
         daemon.streams.config = new
-        if old.upstream != new.upstream:
-            await daemon.streams.proxy.reconfigure(new.upstream)
-        if old.watchdog != new.watchdog:
-            daemon.streams.watchdog.reconfigure(new.watchdog)
+        # [upstream], [watchdog] and [[route]]: new connections take the new routes.
+        await daemon.streams.routes.reconfigure(new, contexts)
         if certs is not daemon.certs:
             daemon.certs = daemon.streams.certs = certs
         if certs_changed:

@@ -9,7 +9,9 @@ import trio
 
 from tunneld.config import HomeConfig
 from tunneld.home.certs import CertificateStore
+from tunneld.home.certs.clients import client_name, is_certificate_failure
 from tunneld.home.proxy import Proxy
+from tunneld.home.routes import RouteTable
 from tunneld.home.watchdog import Watchdog
 from tunneld.transport.session import ClientStream
 from tunneld.transport.splice import STREAM_ERRORS, aclose_quietly
@@ -39,16 +41,23 @@ class StreamHandler:
         self.config = config
         self.certs = certs
         self.watchdog = watchdog if watchdog is not None else Watchdog(config.watchdog)
-        self.proxy = Proxy(config.upstream, self.watchdog)
+        # The route is the SNI's: its proxy, watchdog view and TLS context.
+        self.routes = RouteTable(config, self.watchdog)
         self.active = 0
         self.total = 0
         self.refused = 0
         self.banned = 0
         self.tls_failed = 0
+        self.certificate_refused = 0  # handshakes without a valid client certificate
+
+    @property
+    def proxy(self) -> Proxy:
+        """The default route's ([upstream])."""
+        return self.routes.default.proxy
 
     @property
     def upstream_failed(self) -> int:
-        return self.proxy.upstream_failed
+        return self.routes.upstream_failed
 
     def statistics(self) -> StreamStatistics:
         return StreamStatistics(
@@ -94,7 +103,16 @@ class StreamHandler:
             self.tls_failed += 1
             stream.reset(ResetCode.TLS_FAILED)
             return
+        route = self.routes.for_sni(hello.sni)
         context = self.certs.context_for(hello)
+        if context is self.certs.context:  # not an ACME challenge: the route's own
+            try:
+                context = route.context(self.certs)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self.tls_failed += 1
+                log.error("no TLS context for %s: %s", route.name, exc)
+                stream.reset(ResetCode.TLS_FAILED)
+                return
         tls = TLSStream(stream, context, server_side=True, prefix=first)
         try:
             with trio.fail_after(tls_cfg.handshake_timeout):
@@ -102,9 +120,13 @@ class StreamHandler:
         except (trio.TooSlowError, *STREAM_ERRORS) as exc:
             self.tls_failed += 1
             log.info("TLS handshake with %s failed: %s", ip, _describe(exc))
+            if route.clients is not None and is_certificate_failure(exc):
+                self.certificate_refused += 1
+                route.watchdog.failed(ip, f"no valid client certificate for {route.name}")
             stream.reset(ResetCode.TLS_FAILED)
             return
-        reset = await self.proxy.serve(tls, ip, stream.sni)
+        name = client_name(tls.peer_certificate()) if route.clients is not None else None
+        reset = await route.proxy.serve(tls, ip, hello.sni or "", name)
         log.debug("stream %d from %s ended %s", stream.stream_id, ip, _END[reset is None])
         if reset is None:
             await aclose_quietly(tls)

@@ -27,6 +27,7 @@ import copy
 import ssl
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -97,6 +98,10 @@ class TLSStream(trio.abc.Stream):
 
     def version(self) -> str | None:
         return self._ssl.version()
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's verified certificate (a client certificate, on a server), or None."""
+        return self._ssl.getpeercert() or None  # type: ignore[return-value]
 
     # -- transport -------------------------------------------------------------
     async def _flush(self) -> None:

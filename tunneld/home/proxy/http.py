@@ -11,7 +11,7 @@ import http
 import re
 from collections.abc import Iterable
 
-from tunneld.home.http1 import Request, Response
+from tunneld.home.proxy.http1 import Request, Response
 
 __all__ = [
     "HeaderList",

@@ -28,7 +28,7 @@ import trio
 from tunneld.config import HomeConfig, load_home_config, parse_duration
 from tunneld.control import ControlRequest, ControlResponse, Router, get_json, request
 from tunneld.errors import ConfigError, ControlError, NotRunningError, TunneldError
-from tunneld.home.bans import (
+from tunneld.home.watchdog.bans import (
     BANS_FILE,
     BanFile,
     BanRecord,
@@ -36,7 +36,7 @@ from tunneld.home.bans import (
     never_banned,
     parse_target,
 )
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.watchdog.core import Watchdog
 
 __all__ = ["add_ban_routes", "bans_command", "format_bans"]
 

@@ -27,14 +27,14 @@ import trio
 
 from tunneld.config import UpstreamSection
 from tunneld.errors import LocalHttpError, RemoteHttpError
-from tunneld.home.http import (
+from tunneld.home.proxy.http import (
     error_response,
     forwarded_chain,
     is_upgrade,
     response_headers,
     upstream_request_headers,
 )
-from tunneld.home.http1 import (
+from tunneld.home.proxy.http1 import (
     CHUNKED_END,
     NEED_DATA,
     PAUSED,
@@ -50,8 +50,8 @@ from tunneld.home.http1 import (
     frame_request_head,
     frame_response_head,
 )
-from tunneld.home.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from tunneld.home.watchdog import Watchdog
+from tunneld.home.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from tunneld.home.watchdog.core import Watchdog
 from tunneld.netaddr import normalize_ip
 from tunneld.transport.rawsock import RawSocketStream
 from tunneld.transport.session import MuxStream
@@ -119,17 +119,29 @@ class Proxy:
         self.config = config
         self.watchdog = watchdog
         self.pool = pool if pool is not None else UpstreamPool(config)
+        # The names this proxy serves (its route's): a request whose Host is not one of
+        # them, or differs from the connection's SNI, gets 421. None: no check.
+        self.hostnames: frozenset[str] | None = None
+        # The header that carries the verified client certificate's name; a client's
+        # own copy of every header in `strip` (lower case names: every route's) is removed.
+        self.name_header: bytes | None = None
+        self.strip: frozenset[bytes] = frozenset()
+        self.misdirected = 0  # 421 answers
         self.requests = 0
         self.upstream_failed = 0  # 502/504 answers and responses cut by the upstream
         self.websockets = 0  # upgraded connections being spliced now
 
-    async def serve(self, client: trio.abc.Stream, client_ip: str, sni: str) -> int | None:
-        """Serve requests on `client` until it ends.
+    async def serve(
+        self, client: trio.abc.Stream, client_ip: str, sni: str, client_name: str | None = None
+    ) -> int | None:
+        """Serve requests on `client` until it ends. `client_name`: the verified client
+        certificate's name, sent upstream in `name_header`.
 
         Returns None when the connection ended cleanly (the caller closes it),
         else the RESET code the caller must abort the client stream with.
         """
         conn = _ClientConnection(self, client, client_ip, sni)
+        conn.client_name = client_name
         try:
             await conn.run()
         except _End as end:
@@ -158,6 +170,7 @@ class _ClientConnection:
         # The relay already sends normalized addresses; this keeps the promise local.
         self.client_ip = _normalized(client_ip)
         self.sni = sni.encode("ascii", "replace")
+        self.client_name: str | None = None
         self.reader = RequestReader(self.config.max_header_size)
         # The relay's address is the client for the whole connection, unless the
         # peer is a trusted proxy: then each request's chain names its client.
@@ -351,9 +364,21 @@ class _ClientConnection:
         bodyless = not self.reader.has_body
         upgrade = is_upgrade(request)
         host = next((v for n, v in request.headers if n.lower() == b"host"), b"") or self.sni
+        if self.proxy.hostnames is not None:
+            wrong = misdirected(host, self.sni, self.proxy.hostnames)
+            if wrong:
+                self.proxy.misdirected += 1
+                await self._refuse(421, wrong, client_ip, head=head)
         headers = upstream_request_headers(
             request, client_ip, host, chunked=chunked, upgrade=upgrade
         )
+        name_header = self.proxy.name_header
+        strip = self.proxy.strip
+        if strip:
+            headers = [(n, v) for n, v in headers if n.lower() not in strip]
+        if name_header is not None:
+            if self.client_name is not None:
+                headers.append((name_header, self.client_name.encode("ascii", "replace")))
         try:
             upstream_head = frame_request_head(request.method, request.target, headers)
         except LocalHttpError as exc:
@@ -765,6 +790,22 @@ class _Exchange:
         self.response_started = True
         await self.c.send_informational(event)
         self._stop(_Outcome.UPGRADED)
+
+
+def misdirected(host: bytes, sni: bytes, hostnames: frozenset[str]) -> str | None:
+    """Why a request's Host does not belong on this connection (421), or None."""
+    text = host.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        name = text[1:].split("]", 1)[0]
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    name = name.rstrip(".")
+    server_name = sni.decode("ascii", "replace").lower().rstrip(".")
+    if server_name and name != server_name:
+        return f"Host {name!r} differs from the TLS server name {server_name!r}"
+    if name not in hostnames:
+        return f"Host {name!r} names no route"
+    return None
 
 
 def _normalized(ip: str) -> str:

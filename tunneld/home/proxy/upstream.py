@@ -18,7 +18,7 @@ import trio
 
 from tunneld.config import UpstreamSection
 from tunneld.errors import TunneldError
-from tunneld.home.http1 import (
+from tunneld.home.proxy.http1 import (
     CHUNKED_END,
     NEED_DATA,
     Event,

@@ -2,7 +2,7 @@
 
 `context_for` picks the context for each handshake: ALPN `acme-tls/1` gets the
 TLS-ALPN-01 challenge certificate while an order is pending (RFC 8737), everything
-else the instance certificate. The ACME manager (home/acme.py) swaps the instance
+else the instance certificate. The ACME manager (home/certs/acme.py) swaps the instance
 context with `activate`; new streams pick the new context, open ones keep theirs.
 """
 

@@ -40,7 +40,7 @@ from josepy.jwk import JWK, JWKEC, JWKRSA
 from tunneld import __version__
 from tunneld.config import HomeConfig, format_duration
 from tunneld.errors import KeyFileError, TunneldError
-from tunneld.home.certs import ACME_TLS_ALPN, CertificateStore
+from tunneld.home.certs.store import ACME_TLS_ALPN, CertificateStore
 from tunneld.pki import (
     PrivateKey,
     generate_private_key,

@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from tunneld.config import IPNetwork, WatchdogSection, format_duration
-from tunneld.home.bans import BanList, BanRecord, ban_key, never_banned, parse_target
+from tunneld.home.watchdog.bans import BanList, BanRecord, ban_key, never_banned, parse_target
 from tunneld.netaddr import normalize_ip
 from tunneld.wire.events import BanEntry
 
@@ -111,14 +111,19 @@ class Watchdog:
         bans: BanList | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        counts_from: Watchdog | None = None,
     ) -> None:
+        """`counts_from`: another route's watchdog whose failure counts this one shares
+        (one client, one count and one ban across routes)."""
         self.config = config
         self.clock = clock
         self.bans = bans if bans is not None else BanList(clock=clock)
         self._trusted: tuple[IPNetwork, ...] = config.trusted_proxies
         self._streams: Counter[str] = Counter()
         # ban key -> times of its recent failures, least recently failed first
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: OrderedDict[str, deque[float]] = (
+            counts_from._failures if counts_from is not None else OrderedDict()
+        )
 
     def reconfigure(self, config: WatchdogSection) -> None:
         """New limits and trusted proxies (reload); counts and bans are kept."""
