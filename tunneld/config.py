@@ -17,7 +17,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -28,6 +28,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from tunneld.errors import ConfigError
 
 __all__ = [
+    "AccessHostSection",
+    "AccessSection",
     "AcmeSection",
     "DaemonSection",
     "HomeConfig",
@@ -339,6 +341,24 @@ class WatchdogSection:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_streams_per_ip: int = 64
     ipv6_prefix: int = 128  # 64: an IPv6 client is banned with its whole /64
+    home_assistant_bans: Path | None = None  # Home Assistant's ip_bans.yaml, followed live
+
+
+@dataclass(frozen=True)
+class AccessHostSection:
+    """`[access.hostnames."name"]`: one hostname's own rule."""
+
+    allow: tuple[IPNetwork, ...] | None = None  # None: [access] allow
+    deny: tuple[IPNetwork, ...] = ()  # added to [access] deny
+
+
+@dataclass(frozen=True)
+class AccessSection:
+    """Which client networks may reach the hostnames, enforced at the relay."""
+
+    allow: tuple[IPNetwork, ...] = ()  # empty: every network not denied
+    deny: tuple[IPNetwork, ...] = ()
+    hostnames: tuple[tuple[str, AccessHostSection], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -362,6 +382,7 @@ class HomeConfig:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
+    access: AccessSection = field(default_factory=AccessSection)
 
 
 # ---------------------------------------------------------------------------
@@ -1016,9 +1037,11 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
                 "trusted_proxies": networks,
                 "max_streams_per_ip": _integer(1),
                 "ipv6_prefix": _ipv6_prefix,
+                "home_assistant_bans": optional_path,
             },
         )
     )
+    access = _access_section(ctx, _table(ctx, data, "access"), networks, tls.hostnames)
     daemon_values = _section(
         ctx,
         "daemon",
@@ -1043,7 +1066,38 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
         upstream=upstream,
         watchdog=watchdog,
         daemon=daemon,
+        access=access,
     )
+
+
+def _access_section(
+    ctx: _Ctx, raw: Mapping[str, object], networks: Converter, hostnames: Sequence[str]
+) -> AccessSection:
+    converters = {"allow": networks, "deny": networks}
+    base = {k: v for k, v in raw.items() if k != "hostnames"}
+    values = _section(ctx, "access", base, AccessSection, converters)
+    hosts = raw.get("hostnames", {})
+    if not isinstance(hosts, dict):
+        raise ctx.error("access", "hostnames", f"expected a table, got {_show(hosts)}")
+    rules: list[tuple[str, AccessHostSection]] = []
+    for name, table in hosts.items():
+        label = f'access.hostnames."{name}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{ctx.label}: [{label}]: expected a table, got {_show(table)}")
+        try:
+            host = normalize_hostname(name)
+        except ValueError as exc:
+            raise ConfigError(f"{ctx.label}: [{label}]: {exc}") from None
+        if any(host == seen for seen, _ in rules):
+            raise ConfigError(f"{ctx.label}: [{label}]: {host} has a table already")
+        if host not in hostnames:
+            raise ConfigError(
+                f"{ctx.label}: [{label}]: not one of [tls] hostnames ({', '.join(hostnames)})"
+            )
+        rules.append(
+            (host, AccessHostSection(**_section(ctx, label, table, AccessHostSection, converters)))
+        )
+    return AccessSection(**values, hostnames=tuple(rules))
 
 
 def _home_token(ctx: _Ctx, raw: Mapping[str, object], token_file: object) -> str:
@@ -1119,6 +1173,16 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
             if isinstance(section, HomeRelaySection) and sf.name == "token":
                 if section.token_file is None:
                     table["token"] = SECRET_MASK
+                continue
+            if isinstance(section, AccessSection) and sf.name == "hostnames":
+                table["hostnames"] = {  # [access.hostnames."name"] tables
+                    name: {
+                        k: _plain(k, getattr(rule, k))
+                        for k in ("allow", "deny")
+                        if getattr(rule, k) is not None
+                    }
+                    for name, rule in value
+                }
                 continue
             table[sf.name] = _plain(sf.name, value)
         out[f.name] = table

@@ -20,6 +20,7 @@ from tunneld.control import (
     serve_control,
 )
 from tunneld.errors import first_error
+from tunneld.home.access import AccessControl
 from tunneld.home.acme import AcmeManager
 from tunneld.home.banctl import add_ban_routes
 from tunneld.home.bans import BANS_FILE, BanFile, BanList
@@ -51,6 +52,10 @@ class Daemon:
         self.watchdog = Watchdog(config.watchdog, self.bans)
         self.streams = StreamHandler(config, self.certs, self.watchdog)
         self.connector = Connector(config, self.streams, self.watchdog)
+        self.access = AccessControl(config)
+        self.streams.access = self.access
+        self.connector.access_rules = self.access.rules
+        self.access.listeners.append(self.connector.push_access)
         self._stop = trio.Event()
         self.health = HealthChecks(lambda: self.config)
         self.acme = TaskSlot(AcmeManager(config, self.certs, ready=self.is_connected).run)
@@ -82,6 +87,7 @@ class Daemon:
                 self.metrics_listening = await root.start(
                     partial(serve_metrics, label=label), listen, self.metrics
                 )
+            await root.start(self.access.run)
             await root.start(self.connector.run)
             # Orders wait for the session: the CA reaches us only through the relay.
             await root.start(self.acme.run)
@@ -159,8 +165,10 @@ class Daemon:
                 *self.certs.warnings(),
                 *self.health.warnings(),
                 *self.settings.warnings(),
+                *self.access.warnings(st.relay_access),
             ],
             "bans": [{"ip": b.ip, "until": iso(b.until)} for b in self.watchdog.ban_list()],
+            "access": self.access.status(st.relay_access),
             "version": __version__,
         }
 

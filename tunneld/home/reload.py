@@ -98,6 +98,11 @@ async def reload_daemon(daemon: Daemon) -> bool:
             await daemon.streams.proxy.reconfigure(new.upstream)
         if old.watchdog != new.watchdog:
             daemon.streams.watchdog.reconfigure(new.watchdog)
+        if (old.access, old.watchdog.home_assistant_bans) != (
+            new.access,
+            new.watchdog.home_assistant_bans,
+        ):
+            daemon.access.configure(new)  # pushed to the relay at once
         if certs is not daemon.certs:
             daemon.certs = daemon.streams.certs = certs
         if certs_changed:

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from tunneld.access import AccessPolicy
 from tunneld.netaddr import normalize_ip
 from tunneld.transport.session import MuxSession
 from tunneld.wire import events as ev
@@ -26,6 +27,7 @@ class HomeSession:
     hostnames: tuple[str, ...]
     peer: str
     bans: dict[str, float | None] = field(default_factory=dict)  # ip -> until (None = forever)
+    access: AccessPolicy = field(default_factory=AccessPolicy)  # the home's [access] rules
     replaced: bool = False
 
     def is_banned(self, ip: str, now: float | None = None) -> bool:
@@ -48,6 +50,13 @@ class HomeSession:
         return False
 
     def apply_bans(self, event: ev.Ban) -> None:
+        if event.access is not None:
+            self.access = AccessPolicy(event.access)
+            log.info(
+                "session %s: access rules for %s",
+                self.session_id,
+                ", ".join(r.hostname for r in event.access) or "no hostname",
+            )
         now = time.time()
         if event.replace:
             self.bans.clear()

@@ -305,6 +305,13 @@ class Relay:
             abort_socket(tcp)
             await aclose_quietly(tcp)
             return
+        refusal = session.access.refusal(ip, sni or "")
+        if refusal is not None:
+            self.stats.refused[refusal] += 1
+            log.info("refused %s for %s: %s by the home's [access] rules", ip, sni, refusal)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
         try:
             stream = session.mux.open_stream(ip, port, sni or "")
         except (ProtocolError, trio.BrokenResourceError) as exc:
@@ -482,6 +489,7 @@ class Relay:
                     hostnames=hostnames,
                     window=self.cfg.stream_window,
                     ping_interval=self.cfg.ping_interval,
+                    access=True,  # BAN frames' access rules are enforced here
                 )
             )
         except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
@@ -579,6 +587,7 @@ class Relay:
                     "streams": {"active": st.streams_active, "total": st.streams_total},
                     "bytes": {"in": st.bytes_in, "out": st.bytes_out},
                     "bans": len(s.bans),
+                    "access_rules": len(s.access.rules),
                     "going_away": st.going_away or s.replaced,
                     "flow": st.flow_json(),
                 }
