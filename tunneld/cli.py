@@ -434,6 +434,16 @@ def _format_status(st: dict[str, Any]) -> str:
     )
     if len(bans) > 20:
         lines.append(f"    ... and {len(bans) - 20} more (tunneld bans list)")
+    access = st.get("access")
+    if access and access.get("rules"):
+        ha = access.get("home_assistant_bans")
+        line = f"  access      allow {len(access['allow'])}, deny {len(access['deny'])}"
+        if access.get("hostnames"):
+            line += f", {len(access['hostnames'])} hostname rule(s)"
+        if ha:
+            line += f", Home Assistant bans {ha['addresses']} ({ha['file']})"
+        enforced = {True: "at the relay", False: "at home only"}.get(access.get("relay_enforces"))
+        lines.append(line + (f"; enforced {enforced}" if enforced else ""))
     lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
 

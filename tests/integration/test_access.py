@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.integration.harness import World, split_response, wait_for
+from tests.integration.harness import World, split_response, tunneld, wait_for
 from tunneld.control import get_json
 
 pytestmark = pytest.mark.integration
@@ -101,6 +101,9 @@ def test_a_denied_client_is_refused_at_the_relay_and_the_home_never_sees_it(
     assert status(world, "home")["access"]["relay_enforces"] is True
     assert refused_at_the_relay(world, DENIED, "access_denied")
     assert get(world, OTHER) == 200
+    human = tunneld("status", "-c", str(world.home_config)).stdout
+    assert "  access      allow 0, deny 1, Home Assistant bans 0 (" in human
+    assert "; enforced at the relay" in human
     assert f"refused {DENIED} for " in world.relay.log()
     assert "access_denied by the home's [access] rules" in world.relay.log()
 
