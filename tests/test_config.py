@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tunneld.config import (
     AccessSection,
     AcmeSection,
+    CtSection,
     DaemonSection,
     HomeConfig,
     HomeRelaySection,
@@ -123,6 +124,7 @@ def test_home_example_loads_with_documented_defaults() -> None:
         "watchdog": WatchdogSection,
         "daemon": DaemonSection,
         "access": AccessSection,
+        "ct": CtSection,
     }
     for name, cls in sections.items():
         for key, value in defaults(cls).items():
@@ -144,6 +146,7 @@ def test_home_example_loads_with_documented_defaults() -> None:
                 "watchdog": WatchdogSection,
                 "daemon": DaemonSection,
                 "access": AccessSection,
+                "ct": CtSection,
             },
         ),
     ],
@@ -349,6 +352,9 @@ def test_missing_unreadable_and_bad_toml(tmp_path: Path) -> None:
         ("home", "access", "deny = '10.0.0.0/8'", "deny", "list"),
         ("home", "access", "hostnames = 5", "hostnames", "table"),
         ("home", "watchdog", "home_assistant_bans = 5", "home_assistant_bans", "file path"),
+        ("home", "ct", "url = 'ftp://crt.sh/'", "url", "http:// or https://"),
+        ("home", "ct", "interval = '0'", "interval", "longer than 0"),
+        ("home", "ct", "enabled = 'yes'", "enabled", "true or false"),
         # others
         ("home", "watchdog", "ban_statuses = [401, 700]", "ban_statuses", "100 to 599"),
         ("home", "watchdog", "ban_threshold = 0", "ban_threshold", "at least 1"),

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = csub.add_parser(
+        "acknowledge",
+        help="accept a certificate the CT watch reported (tunneld status: ct.unknown)",
+    )
+    p.add_argument("sha256", help="its SHA-256 fingerprint, hex or colon form")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+
     p = sub.add_parser("demo", help="relay + daemon + a small web app on loopback")
     p.add_argument("--check", action="store_true", help="run the printed curl once and exit")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")
@@ -228,6 +235,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         setup_logging("warning")
         return demo_main(check=args.check, keep=args.keep, port=args.port)
     if cmd == "cert":
+        if args.cert_command == "acknowledge":
+            from tunneld.home.ctctl import acknowledge_command
+
+            return acknowledge_command(args.config, args.sha256)
         return _cert_show(args.config, args.json)
     if cmd == "bans":
         return _bans(args)

@@ -31,6 +31,7 @@ __all__ = [
     "AccessHostSection",
     "AccessSection",
     "AcmeSection",
+    "CtSection",
     "DaemonSection",
     "HomeConfig",
     "HomeRelaySection",
@@ -345,6 +346,15 @@ class WatchdogSection:
 
 
 @dataclass(frozen=True)
+class CtSection:
+    """Certificate-transparency watch (home/ct.py)."""
+
+    enabled: bool = False
+    interval: float = 21600.0
+    url: str = "https://crt.sh/"
+
+
+@dataclass(frozen=True)
 class AccessHostSection:
     """`[access.hostnames."name"]`: one hostname's own rule."""
 
@@ -383,6 +393,7 @@ class HomeConfig:
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
     access: AccessSection = field(default_factory=AccessSection)
+    ct: CtSection = field(default_factory=CtSection)
 
 
 # ---------------------------------------------------------------------------
@@ -1042,6 +1053,15 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
         )
     )
     access = _access_section(ctx, _table(ctx, data, "access"), networks, tls.hostnames)
+    ct = CtSection(
+        **_section(
+            ctx,
+            "ct",
+            _table(ctx, data, "ct"),
+            CtSection,
+            {"enabled": _boolean, "interval": _duration(), "url": _ct_url},
+        )
+    )
     daemon_values = _section(
         ctx,
         "daemon",
@@ -1067,7 +1087,18 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
         watchdog=watchdog,
         daemon=daemon,
         access=access,
+        ct=ct,
     )
+
+
+def _ct_url(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise _Invalid(
+            f'expected an http:// or https:// URL like "https://crt.sh/", got {_show(value)}'
+        )
+    return text
 
 
 def _access_section(

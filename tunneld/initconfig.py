@@ -159,6 +159,15 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             'its line goes; "" = off.'
         ),
     },
+    "ct": {
+        "enabled": (
+            "Watch certificate-transparency logs for certificates for the hostnames that this "
+            "daemon did not obtain (a WARNING in the log, status and metrics). It sends the "
+            "hostnames to the search API at url (they are public in CT logs anyway)."
+        ),
+        "interval": "How often the logs are searched.",
+        "url": "A crt.sh-style search API (docs/ct-watch.md).",
+    },
     "access": {
         "allow": (
             "Client networks (CIDR) that may reach the hostnames, checked at the relay before "

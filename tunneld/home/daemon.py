@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import signal
 import time
@@ -26,6 +28,7 @@ from tunneld.home.banctl import add_ban_routes
 from tunneld.home.bans import BANS_FILE, BanFile, BanList
 from tunneld.home.certs import CertificateStore
 from tunneld.home.connector import Connector
+from tunneld.home.ct import CtWatch
 from tunneld.home.health import HealthChecks, token_facts
 from tunneld.home.reload import reload_daemon
 from tunneld.home.streams import StreamHandler
@@ -56,6 +59,7 @@ class Daemon:
         self.streams.access = self.access
         self.connector.access_rules = self.access.rules
         self.access.listeners.append(self.connector.push_access)
+        self.ct = CtWatch(config, lambda: self.certs.cert_path)
         self._stop = trio.Event()
         self.health = HealthChecks(lambda: self.config)
         self.acme = TaskSlot(AcmeManager(config, self.certs, ready=self.is_connected).run)
@@ -75,6 +79,7 @@ class Daemon:
             router.add("GET", "/v1/status", self._status_endpoint)
             router.add("GET", "/metrics", metrics_endpoint(self.metrics))
             add_ban_routes(router, self.watchdog)
+            router.add("POST", "/v1/ct/acknowledge", self._ct_acknowledge)
             await root.start(
                 partial(serve_control, mode=SOCKET_MODE), self.config.daemon.control_socket, router
             )
@@ -88,6 +93,7 @@ class Daemon:
                     partial(serve_metrics, label=label), listen, self.metrics
                 )
             await root.start(self.access.run)
+            await root.start(self.ct.run)
             await root.start(self.connector.run)
             # Orders wait for the session: the CA reaches us only through the relay.
             await root.start(self.acme.run)
@@ -122,6 +128,20 @@ class Daemon:
 
     def is_connected(self) -> bool:
         return self.connector.state.state == "connected"
+
+    async def _ct_acknowledge(self, req: ControlRequest) -> ControlResponse:
+        try:
+            body = json.loads(req.body or b"{}")
+            if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+                raise ValueError('expected a JSON object with a "sha256" string')
+            cert = self.ct.acknowledge(body["sha256"])
+        except ValueError as exc:
+            return ControlResponse.error(400, str(exc))
+        except OSError as exc:
+            return ControlResponse.error(500, f"cannot save {self.ct.path}: {exc}")
+        if cert is None:
+            return ControlResponse.error(404, "not among the unknown certificates (tunneld status)")
+        return ControlResponse.json({"acknowledged": dataclasses.asdict(cert)})
 
     async def _status_endpoint(self, _: ControlRequest) -> ControlResponse:
         return ControlResponse.json(self.status())
@@ -166,9 +186,11 @@ class Daemon:
                 *self.health.warnings(),
                 *self.settings.warnings(),
                 *self.access.warnings(st.relay_access),
+                *self.ct.warnings(),
             ],
             "bans": [{"ip": b.ip, "until": iso(b.until)} for b in self.watchdog.ban_list()],
             "access": self.access.status(st.relay_access),
+            "ct": self.ct.status(),
             "version": __version__,
         }
 

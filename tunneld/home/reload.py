@@ -103,6 +103,8 @@ async def reload_daemon(daemon: Daemon) -> bool:
             new.watchdog.home_assistant_bans,
         ):
             daemon.access.configure(new)  # pushed to the relay at once
+        if (old.ct, old.tls.hostnames) != (new.ct, new.tls.hostnames):
+            daemon.ct.configure(new)  # checks at once
         if certs is not daemon.certs:
             daemon.certs = daemon.streams.certs = certs
         if certs_changed:
