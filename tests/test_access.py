@@ -9,11 +9,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import trio
+import trio.testing
 
+from tests.transport.test_session import session_pair
 from tunneld.access import DENIED, NOT_ALLOWED, AccessPolicy
 from tunneld.config import load_home_config
 from tunneld.errors import RemoteProtocolError
 from tunneld.home.access import AccessControl, parse_ip_bans
+from tunneld.home.certs import CertificateStore
+from tunneld.home.streams import StreamHandler
 from tunneld.wire import events as ev
 from tunneld.wire import frames
 
@@ -153,3 +158,33 @@ def test_an_old_daemon_reads_a_new_welcome() -> None:
     assert frames.decode(frames.encode(welcome)) == [welcome]
     older = ev.Welcome("s1", ("ha.example.test",), 262144, 20.0)
     assert frames.decode(old_frames().encode(older)) == [older]  # an old relay: access False
+
+
+# -- at home, for a relay that predates the rules ----------------------------------------
+async def test_the_home_refuses_a_denied_stream_itself_before_tls(tmp_path: Path) -> None:
+    """A relay that ignores the rules opens the stream anyway: the daemon resets it
+    before reading a byte (no TLS), and counts it; another client is served."""
+    config = load_home_config(
+        _home(
+            tmp_path,
+            f'[daemon]\nstate_directory = "{tmp_path / "state"}"\n'
+            '[access]\ndeny = ["192.0.2.66"]\n'
+            '[access.hostnames."cam.example.test"]\nallow = ["198.51.100.0/24"]\n',
+        )
+    )
+    certs = CertificateStore(config)
+    certs.load()
+    handler = StreamHandler(config, certs)
+    handler.access = AccessControl(config)
+    with trio.fail_after(10):
+        async with session_pair(handler) as pair:
+            for ip, sni in [("192.0.2.66", "HA.example.test"), ("192.0.2.1", "cam.example.test.")]:
+                stream = pair.relay.open_stream(ip, 1, sni)
+                with pytest.raises(trio.BrokenResourceError, match="reset"):
+                    await stream.receive_some()
+            assert handler.access.refused == 2 and handler.refused == 2
+            allowed = pair.relay.open_stream("198.51.100.7", 1, "cam.example.test")
+            await allowed.send_all(b"\x16\x03\x01\x00\x05hello")  # not refused: TLS is read
+            await trio.testing.wait_all_tasks_blocked()  # the handler has its bytes
+            assert handler.total == 3 and handler.refused == 2  # admitted: on to its TLS
+            await allowed.aclose()

@@ -71,7 +71,8 @@ class StreamHandler:
         else:
             # [access] again at home, for a relay that predates it (home/access.py).
             access = self.access
-            why = access.refusal(ip, stream.sni) if access is not None else None
+            host = stream.sni.lower().rstrip(".")  # as the relay matched it (normalized)
+            why = access.refusal(ip, host) if access is not None else None
             if access is not None and why is not None:
                 access.refused += 1
             else:
