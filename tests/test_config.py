@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunneld.config import (
+    AccessSection,
     AcmeSection,
+    CtSection,
     DaemonSection,
     HomeConfig,
     HomeRelaySection,
@@ -122,6 +124,8 @@ def test_home_example_loads_with_documented_defaults() -> None:
         "upstream": UpstreamSection,
         "watchdog": WatchdogSection,
         "daemon": DaemonSection,
+        "access": AccessSection,
+        "ct": CtSection,
     }
     for name, cls in sections.items():
         for key, value in defaults(cls).items():
@@ -143,6 +147,8 @@ def test_home_example_loads_with_documented_defaults() -> None:
                 "watchdog": WatchdogSection,
                 "daemon": DaemonSection,
                 "lan": LanSection,
+                "access": AccessSection,
+                "ct": CtSection,
             },
         ),
     ],
@@ -343,6 +349,14 @@ def test_missing_unreadable_and_bad_toml(tmp_path: Path) -> None:
         ("home", "watchdog", "never_ban = ['10.0.0.300']", "never_ban", "CIDR"),
         ("home", "watchdog", "trusted_proxies = ['10.0.0.1/8']", "trusted_proxies", "10.0.0.0/8"),
         ("home", "watchdog", "trusted_proxies = '10.0.0.0/8'", "trusted_proxies", "list"),
+        ("home", "access", "allow = ['10.0.0.300']", "allow", "CIDR"),
+        ("home", "access", "deny = ['10.0.0.1/8']", "deny", 'did you mean "10.0.0.0/8"?'),
+        ("home", "access", "deny = '10.0.0.0/8'", "deny", "list"),
+        ("home", "access", "hostnames = 5", "hostnames", "table"),
+        ("home", "watchdog", "home_assistant_bans = 5", "home_assistant_bans", "file path"),
+        ("home", "ct", "url = 'ftp://crt.sh/'", "url", "http:// or https://"),
+        ("home", "ct", "interval = '0'", "interval", "longer than 0"),
+        ("home", "ct", "enabled = 'yes'", "enabled", "true or false"),
         # others
         ("home", "watchdog", "ban_statuses = [401, 700]", "ban_statuses", "100 to 599"),
         ("home", "watchdog", "ban_threshold = 0", "ban_threshold", "at least 1"),
@@ -374,6 +388,31 @@ def test_bad_values_name_file_table_and_key(
     assert msg.startswith(f"{path}: [{table}] {key}: "), msg
     assert expected in msg, msg
     assert SECRET not in msg
+
+
+def test_access_rules_per_hostname(tmp_path: Path) -> None:
+    host = load_home_config(write(tmp_path, HOME_MIN)).tls.hostnames[0]
+    text = HOME_MIN + (
+        '\n[access]\nallow = ["192.0.2.0/24"]\ndeny = ["192.0.2.7", "2001:db8::/32"]\n'
+        f'[access.hostnames."{host.upper()}"]\nallow = ["198.51.100.0/24"]\n'
+    )
+    twice = text + f'[access.hostnames."{host}"]\ndeny = ["203.0.113.9"]\n'
+    assert "has a table already" in error_of(write(tmp_path, twice))
+    config = load_home_config(write(tmp_path, text))
+    assert [str(n) for n in config.access.deny] == ["192.0.2.7/32", "2001:db8::/32"]
+    ((name, rule),) = config.access.hostnames
+    assert name == host and [str(n) for n in rule.allow or ()] == ["198.51.100.0/24"]
+    assert rule.deny == ()
+    again = load_home_config(write(tmp_path, tomli_w.dumps(masked(config)), "again.toml"))
+    assert again.access == config.access
+    bad = HOME_MIN + '\n[access.hostnames."other.example.org"]\ndeny = []\n'
+    msg = error_of(write(tmp_path, bad))
+    assert msg.startswith(f'{tmp_path}/cfg.toml: [access.hostnames."other.example.org"]: ')
+    assert "not one of [tls] hostnames" in msg
+    bad = HOME_MIN + f'\n[access.hostnames."{host}"]\ndeny = ["300.1.1.1"]\n'
+    assert f'[access.hostnames."{host}"] deny: expected an IP address or CIDR' in error_of(
+        write(tmp_path, bad)
+    )
 
 
 def test_the_example_error_message_format(tmp_path: Path) -> None:

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = csub.add_parser(
+        "acknowledge",
+        help="accept a certificate the CT watch reported (tunneld status: ct.unknown)",
+    )
+    p.add_argument("sha256", help="its SHA-256 fingerprint, hex or colon form")
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+
     p = sub.add_parser("demo", help="relay + daemon + a small web app on loopback")
     p.add_argument("--check", action="store_true", help="run the printed curl once and exit")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")
@@ -279,6 +286,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         setup_logging("warning")
         return demo_main(check=args.check, keep=args.keep, port=args.port)
     if cmd == "cert":
+        if args.cert_command == "acknowledge":
+            from tunneld.home.ctctl import acknowledge_command
+
+            return acknowledge_command(args.config, args.sha256)
         return _cert_show(args.config, args.json)
     if cmd == "bans":
         return _bans(args)
@@ -488,6 +499,16 @@ def _format_status(st: dict[str, Any]) -> str:
     )
     if len(bans) > 20:
         lines.append(f"    ... and {len(bans) - 20} more (tunneld bans list)")
+    access = st.get("access")
+    if access and access.get("rules"):
+        ha = access.get("home_assistant_bans")
+        line = f"  access      allow {len(access['allow'])}, deny {len(access['deny'])}"
+        if access.get("hostnames"):
+            line += f", {len(access['hostnames'])} hostname rule(s)"
+        if ha:
+            line += f", Home Assistant bans {ha['addresses']} ({ha['file']})"
+        enforced = {True: "at the relay", False: "at home only"}.get(access.get("relay_enforces"))
+        lines.append(line + (f"; enforced {enforced}" if enforced else ""))
     lines.extend(f"WARNING: {w}" for w in st.get("warnings") or ())
     return "\n".join(lines)
 

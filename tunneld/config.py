@@ -17,7 +17,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -28,7 +28,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from tunneld.errors import ConfigError
 
 __all__ = [
+    "AccessHostSection",
+    "AccessSection",
     "AcmeSection",
+    "CtSection",
     "DaemonSection",
     "HomeConfig",
     "HomeRelaySection",
@@ -342,6 +345,33 @@ class WatchdogSection:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_streams_per_ip: int = 64
     ipv6_prefix: int = 128  # 64: an IPv6 client is banned with its whole /64
+    home_assistant_bans: Path | None = None  # Home Assistant's ip_bans.yaml, followed live
+
+
+@dataclass(frozen=True)
+class CtSection:
+    """Certificate-transparency watch (home/ct.py)."""
+
+    enabled: bool = False
+    interval: float = 21600.0
+    url: str = "https://crt.sh/"
+
+
+@dataclass(frozen=True)
+class AccessHostSection:
+    """`[access.hostnames."name"]`: one hostname's own rule."""
+
+    allow: tuple[IPNetwork, ...] | None = None  # None: [access] allow
+    deny: tuple[IPNetwork, ...] = ()  # added to [access] deny
+
+
+@dataclass(frozen=True)
+class AccessSection:
+    """Which client networks may reach the hostnames, enforced at the relay."""
+
+    allow: tuple[IPNetwork, ...] = ()  # empty: every network not denied
+    deny: tuple[IPNetwork, ...] = ()
+    hostnames: tuple[tuple[str, AccessHostSection], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -420,6 +450,8 @@ class HomeConfig:
     lan: LanSection = field(default_factory=LanSection)
     # `[[route]]` tables; their hostnames are also in `tls.hostnames` (claimed, certified).
     route: tuple[RouteSection, ...] = ()
+    access: AccessSection = field(default_factory=AccessSection)
+    ct: CtSection = field(default_factory=CtSection)
 
 
 # ---------------------------------------------------------------------------
@@ -1075,7 +1107,18 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
                 "trusted_proxies": networks,
                 "max_streams_per_ip": _integer(1),
                 "ipv6_prefix": _ipv6_prefix,
+                "home_assistant_bans": optional_path,
             },
+        )
+    )
+    access = _access_section(ctx, _table(ctx, data, "access"), networks, tls.hostnames)
+    ct = CtSection(
+        **_section(
+            ctx,
+            "ct",
+            _table(ctx, data, "ct"),
+            CtSection,
+            {"enabled": _boolean, "interval": _duration(), "url": _ct_url},
         )
     )
     daemon_values = _section(
@@ -1118,6 +1161,8 @@ def _build_home(ctx: _Ctx, data: Mapping[str, object]) -> HomeConfig:
         daemon=daemon,
         lan=lan,
         route=routes,
+        access=access,
+        ct=ct,
     )
 
 
@@ -1266,6 +1311,46 @@ def _covered(hostname: str, sans: tuple[str, ...]) -> bool:
     return False
 
 
+def _ct_url(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise _Invalid(
+            f'expected an http:// or https:// URL like "https://crt.sh/", got {_show(value)}'
+        )
+    return text
+
+
+def _access_section(
+    ctx: _Ctx, raw: Mapping[str, object], networks: Converter, hostnames: Sequence[str]
+) -> AccessSection:
+    converters = {"allow": networks, "deny": networks}
+    base = {k: v for k, v in raw.items() if k != "hostnames"}
+    values = _section(ctx, "access", base, AccessSection, converters)
+    hosts = raw.get("hostnames", {})
+    if not isinstance(hosts, dict):
+        raise ctx.error("access", "hostnames", f"expected a table, got {_show(hosts)}")
+    rules: list[tuple[str, AccessHostSection]] = []
+    for name, table in hosts.items():
+        label = f'access.hostnames."{name}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{ctx.label}: [{label}]: expected a table, got {_show(table)}")
+        try:
+            host = normalize_hostname(name)
+        except ValueError as exc:
+            raise ConfigError(f"{ctx.label}: [{label}]: {exc}") from None
+        if any(host == seen for seen, _ in rules):
+            raise ConfigError(f"{ctx.label}: [{label}]: {host} has a table already")
+        if host not in hostnames:
+            raise ConfigError(
+                f"{ctx.label}: [{label}]: not one of [tls] hostnames ({', '.join(hostnames)})"
+            )
+        rules.append(
+            (host, AccessHostSection(**_section(ctx, label, table, AccessHostSection, converters)))
+        )
+    return AccessSection(**values, hostnames=tuple(rules))
+
+
 def _home_token(ctx: _Ctx, raw: Mapping[str, object], token_file: object) -> str:
     """Exactly one of token / token_file; the file is read now. Never echoes the token."""
     token = ""
@@ -1355,6 +1440,16 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
             if isinstance(section, HomeRelaySection) and sf.name == "token":
                 if section.token_file is None:
                     table["token"] = SECRET_MASK
+                continue
+            if isinstance(section, AccessSection) and sf.name == "hostnames":
+                table["hostnames"] = {  # [access.hostnames."name"] tables
+                    name: {
+                        k: _plain(k, getattr(rule, k))
+                        for k in ("allow", "deny")
+                        if getattr(rule, k) is not None
+                    }
+                    for name, rule in value
+                }
                 continue
             table[sf.name] = _plain(sf.name, value)
         out[f.name] = table

@@ -11,6 +11,7 @@ file is created with mode 0600 and an existing file is kept unless `force`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import textwrap
@@ -157,6 +158,31 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             "IPv6 bans cover this prefix of the client's address: 128 (the address) or 64 "
             "(its /64)."
         ),
+        "home_assistant_bans": (
+            "Home Assistant's ban file (ip_bans.yaml in its config folder), followed live: an "
+            "address it bans is refused at the relay within seconds, and admitted again when "
+            'its line goes; "" = off.'
+        ),
+    },
+    "ct": {
+        "enabled": (
+            "Watch certificate-transparency logs for certificates for the hostnames that this "
+            "daemon did not obtain (a WARNING in the log, status and metrics). It sends the "
+            "hostnames to the search API at url (they are public in CT logs anyway)."
+        ),
+        "interval": "How often the logs are searched.",
+        "url": "A crt.sh-style search API (docs/ct-watch.md).",
+    },
+    "access": {
+        "allow": (
+            "Client networks (CIDR) that may reach the hostnames, checked at the relay before "
+            "any of a client's bytes cross the tunnel; [] = every network that is not denied."
+        ),
+        "deny": "Client networks refused at the relay (deny wins over allow).",
+        "hostnames": (
+            'Rules of one hostname, e.g. {"ha.example.com" = {allow = ["192.0.2.0/24"]}}: its '
+            "allow replaces the one above, its deny is added to it; {} = none."
+        ),
     },
     "daemon": {
         "state_directory": "Where bans, the ACME account and certificates are kept.",
@@ -263,6 +289,8 @@ def _value(value: object) -> str:
     """One TOML value; lists stay on one line like the conf/ examples."""
     if isinstance(value, list):
         return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table ([access] hostnames)
+        return "{" + ", ".join(f"{json.dumps(k)} = {_value(v)}" for k, v in value.items()) + "}"
     return tomli_w.dumps({"v": value})[len("v = ") :].strip()
 
 

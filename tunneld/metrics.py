@@ -218,6 +218,20 @@ class HomeCollector:
                 "Seconds until the relay token expires (negative once expired).",
                 expires - now,
             )
+        ct = st.get("ct")
+        if isinstance(ct, Mapping) and ct.get("enabled"):
+            yield _gauge(
+                "tunneld_ct_unknown_certificates",
+                "Certificates in CT logs for our hostnames that this daemon did not obtain.",
+                len(ct.get("unknown") or ()),
+            )
+            last = _timestamp(ct.get("last_check"))
+            if last is not None:
+                yield _gauge(
+                    "tunneld_ct_last_check_timestamp_seconds",
+                    "When the last certificate-transparency check succeeded (Unix time).",
+                    last,
+                )
         yield _gauge(
             "tunneld_warnings", "Warnings `tunneld status` shows.", len(st.get("warnings") or ())
         )

@@ -12,6 +12,7 @@ import math
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -71,6 +72,7 @@ class ConnectorState:
     bytes_out: int = 0
     sessions: list[MuxSession] = field(default_factory=list)
     dialers: dict[MuxSession, DataDialer] = field(default_factory=dict)  # data connections
+    relay_access: bool | None = None  # the relay said it enforces [access] (WELCOME)
 
     def totals(self) -> tuple[int, int]:
         inn = self.bytes_in + sum(s.bytes_in for s in self.sessions)
@@ -95,6 +97,8 @@ class Connector:
         self._current: SessionOutcome | None = None
         self._renewing: list[SessionOutcome] = []  # sessions to drain once a new one is up
         self._wake = trio.Event()  # ends a reconnect delay early
+        # [access] rules (home/access.py), sent after the ban list on every session.
+        self.access_rules: Callable[[], tuple[ev.AccessRule, ...]] | None = None
 
     def reconfigure(self, config: HomeConfig) -> None:
         """Use `config` from the next connection attempt on (reload); raises ConfigError
@@ -190,6 +194,11 @@ class Connector:
         """Send ban changes (or with `replace`, the whole list) to every live session."""
         for session in list(self.state.sessions):
             _send_bans(session, entries, replace=replace)
+
+    def push_access(self, rules: tuple[ev.AccessRule, ...]) -> None:
+        """Send the whole [access] policy to every live session (a change or a reload)."""
+        for session in list(self.state.sessions):
+            _send_access(session, rules)
 
     def _headers(self) -> list[tuple[str, str]]:
         return [
@@ -331,6 +340,9 @@ class Connector:
         # to push_bans: no change can fall between the two.
         if self._bans is not None:
             _send_bans(mux, self._bans.ban_entries(), replace=True)
+        if self.access_rules is not None:
+            _send_access(mux, self.access_rules())
+        st.relay_access = welcome.access
         st.sessions.append(mux)
         self.connected.set()
         for old in self._renewing:
@@ -420,6 +432,15 @@ def _send_bans(session: MuxSession, entries: tuple[ev.BanEntry, ...], *, replace
             session.send(ev.Ban(chunk, replace=replace and i == 0))
     except Exception as exc:  # noqa: BLE001 - a closing session; the next one gets the full list
         log.debug("could not send bans on session %s: %r", session.session_id, exc)
+
+
+def _send_access(session: MuxSession, rules: tuple[ev.AccessRule, ...]) -> None:
+    # An empty addition that carries the policy: a relay that predates the access key
+    # ignores it (PROTOCOL.md 10), one that knows it replaces the session's policy.
+    try:
+        session.send(ev.Ban((), replace=False, access=rules))
+    except Exception as exc:  # noqa: BLE001 - a closing session; the next one gets it all
+        log.debug("could not send access rules on session %s: %r", session.session_id, exc)
 
 
 def _cause(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -21,9 +22,11 @@ from tunneld.control import (
     serve_control,
 )
 from tunneld.errors import first_error
+from tunneld.home.access import AccessControl
 from tunneld.home.certs.acme import AcmeManager
 from tunneld.home.certs.store import CertificateStore
 from tunneld.home.connector import Connector, ConnectorState
+from tunneld.home.ct import CtWatch
 from tunneld.home.health import HealthChecks, token_facts
 from tunneld.home.lan import LanListener
 from tunneld.home.reload import reload_daemon
@@ -54,6 +57,11 @@ class Daemon:
         self.streams = StreamHandler(config, self.certs, self.watchdog)
         self.connector = Connector(config, self.streams, self.watchdog)
         self.lan = LanListener(self.streams)
+        self.access = AccessControl(config)
+        self.streams.access = self.access
+        self.connector.access_rules = self.access.rules
+        self.access.listeners.append(self.connector.push_access)
+        self.ct = CtWatch(config, lambda: self.certs.cert_path)
         self._stop = trio.Event()
         self.health = HealthChecks(lambda: self.config)
         self.acme = TaskSlot(AcmeManager(config, self.certs, ready=self.is_connected).run)
@@ -73,6 +81,7 @@ class Daemon:
             router.add("GET", "/v1/status", self._status_endpoint)
             router.add("GET", "/metrics", metrics_endpoint(self.metrics))
             add_ban_routes(router, self.watchdog)
+            router.add("POST", "/v1/ct/acknowledge", self._ct_acknowledge)
             await root.start(
                 partial(serve_control, mode=SOCKET_MODE), self.config.daemon.control_socket, router
             )
@@ -89,6 +98,8 @@ class Daemon:
                 # Before the session: the LAN path never waits for the relay.
                 label = f"{self.config.path}: [lan] listen"
                 await root.start(partial(self.lan.run, label=label), self.config.lan.listen)
+            await root.start(self.access.run)
+            await root.start(self.ct.run)
             await root.start(self.connector.run)
             # Orders wait for the session: the CA reaches us only through the relay.
             await root.start(self.acme.run)
@@ -123,6 +134,20 @@ class Daemon:
 
     def is_connected(self) -> bool:
         return self.connector.state.state == "connected"
+
+    async def _ct_acknowledge(self, req: ControlRequest) -> ControlResponse:
+        try:
+            body = json.loads(req.body or b"{}")
+            if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+                raise ValueError('expected a JSON object with a "sha256" string')
+            cert = self.ct.acknowledge(body["sha256"])
+        except ValueError as exc:
+            return ControlResponse.error(400, str(exc))
+        except OSError as exc:
+            return ControlResponse.error(500, f"cannot save {self.ct.path}: {exc}")
+        if cert is None:
+            return ControlResponse.error(404, "not among the unknown certificates (tunneld status)")
+        return ControlResponse.json({"acknowledged": dataclasses.asdict(cert)})
 
     async def _status_endpoint(self, _: ControlRequest) -> ControlResponse:
         return ControlResponse.json(self.status())
@@ -179,8 +204,12 @@ class Daemon:
                 *self.certs.warnings(),
                 *self.health.warnings(),
                 *self.settings.warnings(),
+                *self.access.warnings(st.relay_access),
+                *self.ct.warnings(),
             ],
             "bans": [{"ip": b.ip, "until": iso(b.until)} for b in self.watchdog.ban_list()],
+            "access": self.access.status(st.relay_access),
+            "ct": self.ct.status(),
             "version": __version__,
         }
 

@@ -104,6 +104,13 @@ async def reload_daemon(daemon: Daemon) -> bool:
         daemon.streams.config = new
         # [upstream], [watchdog] and [[route]]: new connections take the new routes.
         await daemon.streams.routes.reconfigure(new, contexts)
+        if (old.access, old.watchdog.home_assistant_bans) != (
+            new.access,
+            new.watchdog.home_assistant_bans,
+        ):
+            daemon.access.configure(new)  # pushed to the relay at once
+        if (old.ct, old.tls.hostnames) != (new.ct, new.tls.hostnames):
+            daemon.ct.configure(new)  # checks at once
         if certs is not daemon.certs:
             daemon.certs = daemon.streams.certs = certs
         if certs_changed:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import trio
 
 from tunneld.config import HomeConfig
+from tunneld.home.access import AccessControl
 from tunneld.home.certs import CertificateStore
 from tunneld.home.certs.clients import client_name, is_certificate_failure
 from tunneld.home.proxy import Proxy
@@ -43,6 +44,7 @@ class StreamHandler:
         self.watchdog = watchdog if watchdog is not None else Watchdog(config.watchdog)
         # The route is the SNI's: its proxy, watchdog view and TLS context.
         self.routes = RouteTable(config, self.watchdog)
+        self.access: AccessControl | None = None  # set by the daemon
         self.active = 0
         self.total = 0
         self.refused = 0
@@ -76,12 +78,21 @@ class StreamHandler:
         if self.active >= self.config.daemon.max_streams:
             why: str | None = f"over {self.config.daemon.max_streams} streams"
         else:
-            why = self.watchdog.admit(ip)
+            # [access] again at home, for a relay that predates it (home/access.py).
+            access = self.access
+            host = stream.sni.lower().rstrip(".")  # as the relay matched it (normalized)
+            why = access.refusal(ip, host) if access is not None else None
+            if access is not None and why is not None:
+                access.refused += 1
+            else:
+                why = self.watchdog.admit(ip)
         if why is not None:
             self.refused += 1
             if why == "banned":
                 self.banned += 1
                 log.info("refused stream from %s: banned", ip)
+            elif why.startswith("access_"):
+                log.info("refused stream from %s for %s: %s", ip, stream.sni, why)
             else:
                 log.warning("refused stream from %s: %s", ip, why)
             stream.reset(ResetCode.REFUSED)

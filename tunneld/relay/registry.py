@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tunneld.access import AccessPolicy
 from tunneld.netaddr import normalize_ip
 from tunneld.relay.datapool import DataPool
 from tunneld.transport.session import MuxSession
@@ -28,6 +29,7 @@ class HomeSession:
     hostnames: tuple[str, ...]
     peer: str
     bans: dict[str, float | None] = field(default_factory=dict)  # ip -> until (None = forever)
+    access: AccessPolicy = field(default_factory=AccessPolicy)  # the home's [access] rules
     replaced: bool = False
     data: DataPool | None = None  # its data connections, when both ends agreed on them
 
@@ -51,6 +53,13 @@ class HomeSession:
         return False
 
     def apply_bans(self, event: ev.Ban) -> None:
+        if event.access is not None:
+            self.access = AccessPolicy(event.access)
+            log.info(
+                "session %s: access rules for %s",
+                self.session_id,
+                ", ".join(r.hostname for r in event.access) or "no hostname",
+            )
         now = time.time()
         if event.replace:
             self.bans.clear()

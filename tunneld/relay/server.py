@@ -325,6 +325,13 @@ class Relay:
             abort_socket(tcp)
             await aclose_quietly(tcp)
             return
+        refusal = session.access.refusal(ip, sni or "")
+        if refusal is not None:
+            self.stats.refused[refusal] += 1
+            log.info("refused %s for %s: %s by the home's [access] rules", ip, sni, refusal)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
+            return
         taken = None if session.data is None else session.data.take()
         try:
             stream = session.mux.open_stream(
@@ -570,6 +577,7 @@ class Relay:
                     window=self.cfg.stream_window,
                     ping_interval=self.cfg.ping_interval,
                     data_connections=self.cfg.data_connections if first.data_connections else 0,
+                    access=True,  # BAN frames' access rules are enforced here
                 )
             )
         except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
@@ -680,6 +688,7 @@ class Relay:
                     "streams": {"active": st.streams_active, "total": st.streams_total},
                     "bytes": {"in": st.bytes_in, "out": st.bytes_out},
                     "bans": len(s.bans),
+                    "access_rules": len(s.access.rules),
                     "going_away": st.going_away or s.replaced,
                     "flow": st.flow_json(),
                     "data_connections": None

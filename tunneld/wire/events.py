@@ -72,6 +72,7 @@ class Welcome(Event):
     ping_interval: float  # seconds; the home pings at this interval
     protocol: int = PROTOCOL_VERSION
     data_connections: int = 0  # idle data connections the relay keeps ready; 0: none
+    access: bool = False  # the relay enforces BAN frames' access rules (PROTOCOL.md 10)
 
 
 @dataclass(frozen=True)
@@ -132,15 +133,28 @@ class BanEntry:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """Which clients may reach `hostname` ("*": every hostname of the session without
+    a rule of its own): none in `deny`, and, when `allow` is not empty, only those in it."""
+
+    hostname: str
+    allow: tuple[str, ...] = ()  # CIDR strings
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Ban(Event):
     """Home -> relay: client addresses the relay must refuse for this session.
 
     With `replace` the list is the whole ban list (sent after every connect);
-    without, the entries are added (until in the past = lifted).
+    without, the entries are added (until in the past = lifted). `access`, when
+    not None, replaces the session's whole access policy (an optional key: a relay
+    that predates it ignores it).
     """
 
     entries: tuple[BanEntry, ...]
     replace: bool = True
+    access: tuple[AccessRule, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from tunneld.errors import LocalProtocolError, ProtocolError, RemoteProtocolErro
 from tunneld.wire.events import (
     PROTOCOL_VERSION,
     TICKET_SIZE,
+    AccessRule,
     Ban,
     BanEntry,
     Data,
@@ -164,6 +165,8 @@ def _encode_payload(event: Event) -> tuple[FrameType, int, bytes]:
         }
         if event.data_connections:
             obj["data_connections"] = event.data_connections
+        if event.access:
+            obj["access"] = True
         _welcome(obj, err)
         return FrameType.WELCOME, 0, _dump_json(obj)
     if isinstance(event, Ban):
@@ -173,6 +176,19 @@ def _encode_payload(event: Event) -> tuple[FrameType, int, bytes]:
                 raise err("Ban.entries must hold BanEntry values")
             bans.append({"ip": entry.ip, "until": entry.until})
         obj = {"replace": event.replace, "bans": bans}
+        if event.access is not None:
+            rules: list[Any] = []
+            for rule in _as_list(event.access):
+                if not isinstance(rule, AccessRule):
+                    raise err("Ban.access must hold AccessRule values")
+                rules.append(
+                    {
+                        "hostname": rule.hostname,
+                        "allow": _as_list(rule.allow),
+                        "deny": _as_list(rule.deny),
+                    }
+                )
+            obj["access"] = rules
         _ban(obj, err)
         return FrameType.BAN, 0, _dump_json(obj)
     if isinstance(event, GoAway):
@@ -495,7 +511,38 @@ def _welcome(obj: dict[str, Any], err: ErrorType) -> Welcome:
         ping_interval=interval,
         protocol=protocol,
         data_connections=_data_connections(obj, kind, err),
+        access=_optional_bool(obj, "access", "WELCOME", err),
     )
+
+
+def _optional_bool(obj: dict[str, Any], key: str, kind: str, err: ErrorType) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise err(f"{kind} {key} must be a boolean")
+    return value
+
+
+def _access(value: object, err: ErrorType) -> tuple[AccessRule, ...]:
+    if not isinstance(value, list):
+        raise err("BAN access must be a list")
+    rules = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise err("BAN access rule must be an object")
+        hostname = _check_str(_field(item, "hostname", "BAN access rule", err), "hostname", err)
+        lists = []
+        for key in ("allow", "deny"):
+            networks = _field(item, key, "BAN access rule", err)
+            if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
+                raise err(f"BAN access {key} must be a list of strings")
+            for network in networks:
+                try:
+                    ipaddress.ip_network(network)
+                except ValueError:
+                    raise err(f"BAN access {key} holds a bad network: {network!r}") from None
+            lists.append(tuple(networks))
+        rules.append(AccessRule(hostname, lists[0], lists[1]))
+    return tuple(rules)
 
 
 def _ban(obj: dict[str, Any], err: ErrorType) -> Ban:
@@ -516,7 +563,8 @@ def _ban(obj: dict[str, Any], err: ErrorType) -> Ban:
             raise err(f"BAN ip is not an IP address: {ip!r}") from None
         until = _field(item, "until", "BAN entry", err)
         entries.append(BanEntry(ip, None if until is None else _check_number(until, "until", err)))
-    return Ban(tuple(entries), replace)
+    access = _access(obj["access"], err) if "access" in obj else None
+    return Ban(tuple(entries), replace, access)
 
 
 def _goaway(obj: dict[str, Any], err: ErrorType) -> GoAway:

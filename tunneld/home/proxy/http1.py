@@ -20,9 +20,13 @@ line in a head or trailers (RFC 9112 2.2 allows it; the head is re-framed with
 CRLF, so it cannot mean one thing here and another upstream), but not a
 chunk-size line. Refused: a bare CR, whitespace before a colon, obs-fold, more
 than one Content-Length or one of over 18 digits, Transfer-Encoding other than
-exactly `chunked` (501) or beside Content-Length, and a missing (HTTP/1.1) or
-repeated Host. Sizes are bounded: the head and the trailers by
-`max_head_size`, a chunk-size line by 1 KiB.
+exactly `chunked` (501) or beside Content-Length, a missing (HTTP/1.1) or
+repeated Host, and what aiohttp (Home Assistant's server) would frame otherwise:
+a body on a HEAD request or on an upgrade request, `head` or `connect` in
+lower or mixed case, a target in none of RFC 9112's four forms, and a second
+Content-Type, User-Agent or other field aiohttp takes once (see
+docs/http-differential.md and tests/home/test_differential.py). Sizes are
+bounded: the head and the trailers by `max_head_size`, a chunk-size line by 1 KiB.
 """
 
 from __future__ import annotations
@@ -116,6 +120,25 @@ _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _MAX_CHUNK_LINE = 1024
 _MAX_LENGTH_DIGITS = 18
 _VERSIONS = (b"1.1", b"1.0")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field or extension
+_UPPER_ONLY = (b"HEAD", b"CONNECT")  # methods whose case variants are refused
+# RFC 9112 3.2: origin-form, absolute-form, asterisk-form (OPTIONS), authority-form (CONNECT).
+# An absolute-form target's scheme and authority as llhttp takes them (letters only in
+# the scheme; RFC 3986's authority characters), then a path, query or nothing.
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z]+://[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]*(?:[/?#]|$)")
+# Fields aiohttp refuses to see twice (http_parser.SINGLETON_HEADERS, besides the
+# Host, Content-Length and Transfer-Encoding checked on their own).
+_SINGLETONS = frozenset(
+    {
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"max-forwards",
+        b"server",
+        b"user-agent",
+    }
+)
 
 CHUNKED_END = b"0\r\n\r\n"
 
@@ -311,7 +334,7 @@ class _Reader:
                     return self._starved()
                 match = _CHUNK_SIZE.fullmatch(buf, 0, end + 1)
                 if match is None:
-                    raise RemoteHttpError("malformed chunk-size line")
+                    raise RemoteHttpError(_bad_chunk_line(bytes(buf[: end + 1])))
                 size = int(match.group(1), 16)
                 del buf[: end + 1]
                 self._remaining = size
@@ -359,6 +382,35 @@ def _fields(head: bytes, start: int) -> Headers:
     return tuple(out)
 
 
+def _bad_chunk_line(line: bytes) -> str:
+    """Why a chunk-size line failed _CHUNK_SIZE (errors only)."""
+    if _CHUNK_SIZE.fullmatch(line[:-1] + b"\r\n"):
+        return "a chunk-size line ended by a bare LF"
+    if re.match(rb"[0-9A-Fa-f]{16}", line):
+        return "a chunk size of more than 15 hex digits"
+    if re.match(rb"[0-9A-Fa-f]+[\t ]*;", line) and _CONTROL.search(line, 0, len(line) - 2):
+        return "a control character in a chunk extension"
+    return "malformed chunk-size line"
+
+
+def _bad_field_line(head: bytes, start: int) -> str:
+    """Why the field lines of `head` from `start` failed _FIELD_LINES (errors only)."""
+    for line in head[start:-2].split(b"\r\n"):
+        if _FIELD_LINES.fullmatch(line + b"\r\n"):
+            continue
+        if line[:1] in (b" ", b"\t"):
+            return "obs-fold (a header line starting with whitespace)"
+        name, colon, _ = line.partition(b":")
+        if colon and name.rstrip(b" \t") != name and re.fullmatch(_TOKEN, name.strip(b" \t")):
+            return "whitespace before a header's colon"
+        if b"\r" in line:
+            return "a bare CR in a header line"
+        if _CONTROL.search(line):
+            return "a control character in a header line"
+        break
+    return "malformed header line"
+
+
 def _content_length(value: bytes) -> int:
     if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
         raise RemoteHttpError("malformed Content-Length")
@@ -381,12 +433,25 @@ class RequestReader(_Reader):
             raise RemoteHttpError(f"HTTP/{version.decode()} is not supported", 505)
         start = line.end()
         if _FIELD_LINES.fullmatch(head, start) is None:
-            raise RemoteHttpError("malformed header line")
+            raise RemoteHttpError(_bad_field_line(head, start))
         headers = _fields(head, start)
+        if not (
+            target[:1] == b"/"
+            or _ABSOLUTE_FORM.match(target)
+            or (target == b"*" and method == b"OPTIONS")
+            or method == b"CONNECT"  # authority-form: the proxy answers 405 itself
+        ):
+            raise RemoteHttpError("malformed request target")
+        if method.upper() in _UPPER_ONLY and method not in _UPPER_ONLY:
+            # aiohttp reads "head" as HEAD in places (no body) and llhttp refuses it.
+            raise RemoteHttpError(f"method {method.upper().decode()} must be upper case")
         length: int | None = None
         codings: list[bytes] = []
         hosts = 0
         close = version != b"1.1"
+        upgrade = False  # Connection names upgrade
+        upgrade_header = False
+        seen: set[bytes] = set()
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
@@ -397,12 +462,27 @@ class RequestReader(_Reader):
                 codings += _tokens(value)
             elif lower == b"host":
                 hosts += 1
-            elif lower == b"connection" and b"close" in _tokens(value):
-                close = True
+            elif lower in _SINGLETONS:
+                if lower in seen:
+                    raise RemoteHttpError(f"more than one {name.decode()}")
+                seen.add(lower)
+            elif lower == b"connection":
+                tokens = _tokens(value)
+                close = close or b"close" in tokens
+                upgrade = upgrade or b"upgrade" in tokens
+            elif lower == b"upgrade":
+                upgrade_header = True
         if hosts > 1:
             raise RemoteHttpError("more than one Host")
         if not hosts and version == b"1.1":
             raise RemoteHttpError("missing Host")
+        if codings or length:
+            # aiohttp frames neither body: a HEAD request has none there, and after an
+            # upgrade request the bytes are the new protocol's (or the next request).
+            if method == b"HEAD":
+                raise RemoteHttpError("a HEAD request with a body")
+            if upgrade and upgrade_header:
+                raise RemoteHttpError("an upgrade request with a body")
         if codings:
             if length is not None:
                 raise RemoteHttpError("both Content-Length and Transfer-Encoding")
