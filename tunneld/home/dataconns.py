@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tunneld.transport.attached import AttachedStream
+from tunneld.transport.attached import AttachedStream, still_open
 from tunneld.transport.rawsock import RawSocketStream
 from tunneld.transport.session import ClientStream, MuxStream
 from tunneld.transport.splice import aclose_quietly
@@ -110,7 +110,7 @@ class DataDialer:
             with ready.scope:
                 await stream.send_all(preamble(ticket))
                 await trio.lowlevel.wait_readable(stream.socket)
-                if _peek(stream.socket):  # a client's bytes, ahead of their ATTACH
+                if still_open(stream.socket):  # a client's bytes, ahead of their ATTACH
                     await trio.sleep(ATTACH_WAIT)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -133,13 +133,3 @@ class DataDialer:
 
     def _released(self) -> None:
         self.in_use -= 1
-
-
-def _peek(sock: socket.socket) -> bool:
-    """Bytes wait on the socket (False: it ended or broke)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from tunneld.errors import ProtocolError
+from tunneld.transport.attached import still_open
 from tunneld.transport.rawsock import RawSocketStream
 from tunneld.wire.events import TICKET_SIZE
 
@@ -29,16 +30,6 @@ log = logging.getLogger("tunneld.relay")
 ASK_TIMEOUT = 30.0  # seconds a ticket waits for its connection
 IDLE_TIMEOUT = 240.0  # an idle data connection is replaced after this (NAT mappings age)
 REFILL_INTERVAL = 5.0  # seconds between checks for tickets that never came
-
-
-def _alive(stream: RawSocketStream) -> bool:
-    """Nothing to read and no error: an idle data connection the home still holds."""
-    try:
-        return stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -102,7 +93,7 @@ class DataPool:
             self._tickets[ticket] = self
             try:
                 self._dial(ticket)
-            except (trio.BrokenResourceError, Exception):  # noqa: BLE001 - session closing
+            except (trio.BrokenResourceError, ProtocolError):  # the session is closing
                 self._forget(ticket)
                 return
 
@@ -116,7 +107,7 @@ class DataPool:
         now and calls `release` when done), or None."""
         while self._idle:
             idle = self._idle.popleft()
-            if not _alive(idle.stream):
+            if not still_open(idle.stream.socket):
                 idle.scope.cancel()  # its holder closes it
                 continue
             idle.taken = True

@@ -40,6 +40,16 @@ def abort(sock: socket.socket) -> None:
         pass
 
 
+def still_open(sock: socket.socket) -> bool:
+    """The peer has not ended or reset the connection (bytes may be waiting)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 class AttachedStream(ClientStream):
     def __init__(
         self,
