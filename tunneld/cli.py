@@ -89,7 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
     _add_bans_parser(sub)
     _add_init_parser(sub)
+    _add_doctor_parser(sub)
     return parser
+
+
+def _add_doctor_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor", help="check a home or relay setup end to end; one line per check, with its fix"
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="NAME:ADDRESS",
+        help="use ADDRESS for NAME instead of DNS (repeatable), e.g. before the records exist",
+    )
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tunneld.doctor import run_doctor
+
+    print(f"tunneld doctor: {args.config}", flush=True)
+    report = run_doctor(args.config, args.resolve, echo=lambda line: print(line, flush=True))
+    print(report.summary())
+    return report.exit_code
 
 
 def _add_init_parser(sub: Any) -> None:
@@ -233,6 +257,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _bans(args)
     if cmd == "init":
         return _init(args)
+    if cmd == "doctor":
+        return _doctor(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)

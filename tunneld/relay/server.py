@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import secrets
@@ -652,6 +653,8 @@ async def _respond(
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
         ("Server", f"tunneld-relay/{__version__}"),
+        # `tunneld doctor` compares the home's clock with this one.
+        ("Date", email.utils.formatdate(usegmt=True)),
         *(extra or []),
     ]
     out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
