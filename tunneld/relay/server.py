@@ -45,7 +45,12 @@ from tunneld.tokens import (
     load_public_keys,
     verify_token,
 )
-from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
+from tunneld.transport.channel import (
+    RAW_SUBPROTOCOL,
+    ChannelClosed,
+    RawChannel,
+    websocket_accept,
+)
 from tunneld.transport.prefixed import PrefixedStream
 from tunneld.transport.rawsock import SESSION_UNSENT, raw_stream
 from tunneld.transport.session import (
@@ -485,7 +490,12 @@ class Relay:
                     ping_interval=self.cfg.ping_interval,
                 )
             )
-        except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
+        except (
+            ProtocolError,
+            trio.TooSlowError,
+            trio_websocket.ConnectionClosed,
+            ChannelClosed,  # gone after the upgrade (`tunneld doctor` closes at once)
+        ) as exc:
             log.warning(
                 "session from %s failed its handshake: %s", ip, str(exc) or type(exc).__name__
             )
