@@ -85,12 +85,88 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="waive the relay's current blocked_versions (later blocks still apply)",
     )
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="print one line, `tunneld join TOKEN@RELAY`, for `tunneld join -` on the home",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="with --join: the relay's public port (default: its first listen port)",
+    )
     p = tsub.add_parser("inspect", help="show a token's claims (never its signature)")
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
     _add_bans_parser(sub)
     _add_init_parser(sub)
     _add_doctor_parser(sub)
+    _add_join_parser(sub)
     return parser
+
+
+def _add_join_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "join",
+        help="pair this home with a relay: the line `token issue --join` printed, or - (stdin)",
+    )
+    p.add_argument(
+        "line",
+        help="- to read the line from stdin (keeps the token out of shell history and ps)",
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG, type=Path)
+    p.add_argument("--upstream", help="the local app (default: keep, or http://127.0.0.1:8123)")
+    p.add_argument("--ca-file", type=Path, help="an extra CA for the relay's certificate")
+    p.add_argument(
+        "--agree-tos",
+        action="store_true",
+        help="agree to the ACME CA's terms of service (turns ACME on)",
+    )
+    p.add_argument("--resolve", action="append", default=[], metavar="NAME:ADDRESS")
+
+
+def _join(args: argparse.Namespace) -> int:
+    from tunneld.checks import check_config
+    from tunneld.config import load_config
+    from tunneld.doctor import run_doctor
+    from tunneld.join import apply_join, parse_join_line
+
+    if args.line == "-":
+        text = sys.stdin.readline()
+    else:
+        text = args.line
+        print(
+            "tunneld: warning: the token was on the command line, where shell history and "
+            "`ps` see it; next time use `tunneld join -` and paste the line",
+            file=sys.stderr,
+        )
+    line = parse_join_line(text)
+    for note in apply_join(
+        args.config, line, upstream=args.upstream, agree_tos=args.agree_tos, ca_file=args.ca_file
+    ):
+        print(note)
+    findings = check_config(load_config(args.config))
+    for warning in findings.warnings:
+        print(f"tunneld: warning: {warning}", file=sys.stderr)
+    if findings.errors:
+        for error in findings.errors:
+            print(f"tunneld: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"check-config: {args.config} is valid")
+    print("doctor:", flush=True)
+    report = run_doctor(
+        str(args.config), args.resolve, echo=lambda text: print(f"  {text}", flush=True)
+    )
+    print(f"  {report.summary()}")
+    running = not any(c.name == "tunnel" and "not running" in c.message for c in report.checks)
+    if running:
+        print("next: `systemctl reload tunneld` (the daemon runs: it picks up the new token)")
+    else:
+        print(
+            "next: `systemctl enable --now tunneld` (see README: Setting it up), then "
+            f"`tunneld doctor -c {args.config}`"
+        )
+    return 0
 
 
 def _add_doctor_parser(sub: Any) -> None:
@@ -259,6 +335,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _init(args)
     if cmd == "doctor":
         return _doctor(args)
+    if cmd == "join":
+        return _join(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
@@ -565,8 +643,36 @@ def _token_issue(args: argparse.Namespace) -> int:
         ttl=ttl,
         allow_insecure=config.relay.blocked_versions if args.allow_insecure else (),
     )
+    if args.join:
+        from tunneld.join import format_join_line
+
+        port = args.port if args.port is not None else _public_port(config)
+        print(format_join_line(token, config.relay.hostname, port))
+        print(
+            "tunneld: on the home, run `tunneld join -` and paste this line (stdin keeps the "
+            "token out of shell history and ps)",
+            file=sys.stderr,
+        )
+        return 0
     print(token)
     return 0
+
+
+def _public_port(config: RelayConfig) -> int:
+    """The relay's first listen port; when that is 0 (any), the running relay's."""
+    from tunneld.control import get_json
+
+    port = config.relay.listen[0][1]
+    if port:
+        return port
+    try:
+        status = trio.run(get_json, config.relay.control_socket, "/v1/status")
+        assert isinstance(status, dict)
+        return int(str(status["listen"][0]).rsplit(":", 1)[1])
+    except (TunneldError, OSError, KeyError, IndexError, ValueError, AssertionError):
+        raise ConfigError(
+            f"{config.path}: [relay] listen: port 0 and no running relay to ask; give --port"
+        ) from None
 
 
 def _token_inspect(token: str | None) -> int:
