@@ -618,7 +618,13 @@ def _check_config(path: str) -> int:
 
 
 def _token_issue(args: argparse.Namespace) -> int:
-    from tunneld.config import RelayConfig, load_config, parse_duration
+    from tunneld.config import (
+        RelayConfig,
+        domain_allows,
+        load_config,
+        normalize_hostname,
+        parse_duration,
+    )
     from tunneld.errors import ConfigError
     from tunneld.tokens import issue_token, load_private_key
 
@@ -634,8 +640,23 @@ def _token_issue(args: argparse.Namespace) -> int:
         ttl = parse_duration(args.ttl)
     except ValueError:
         raise ConfigError(f'--ttl: expected a duration like "90d", got {args.ttl!r}') from None
-    key = load_private_key(config.relay.token_private_key)
     hostnames = list(args.hostnames)
+    outside = []
+    for name in hostnames:
+        try:
+            normal = normalize_hostname(name)
+        except ValueError:
+            continue  # issue_token refuses it, with its own reason
+        if not domain_allows(config.relay.allowed_domains, normal):
+            outside.append(normal)
+    if outside:
+        raise ConfigError(
+            f"--hostname {', '.join(outside)}: outside this relay's domains; "
+            f"{args.config}: [relay] allowed_domains is "
+            f"{', '.join(config.relay.allowed_domains)} (add the domain there if this relay "
+            "serves it, and point its DNS at the relay)"
+        )
+    key = load_private_key(config.relay.token_private_key)
     token = issue_token(
         key,
         hostnames=hostnames,

@@ -49,6 +49,7 @@ __all__ = [
     "parse_duration",
     "parse_listen",
     "split_connect_to",
+    "domain_allows",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -239,6 +240,8 @@ class RelaySection:
     listen: tuple[Listen, ...] = (("0.0.0.0", 443),)
     http_listen: tuple[Listen, ...] = ()
     token_private_key: Path | None = None
+    # `tunneld token issue` refuses hostnames outside these domains (empty: any name).
+    allowed_domains: tuple[str, ...] = ()
     blocked_versions: tuple[str, ...] = ()
     revoked_tokens: tuple[str, ...] = ()
     control_socket: Path = Path("/run/tunneld-relay/control.sock")
@@ -525,6 +528,27 @@ def _nonempty_item(what: str) -> Callable[[str], str]:
         return text.strip()
 
     return convert
+
+
+def _domain(text: str) -> str:
+    """`[relay] allowed_domains` entry: "example.com" (it and every name below it) or
+    "*.example.com" (only names below it)."""
+    wildcard = text.strip().startswith("*.")
+    name = normalize_hostname(text.strip()[2:] if wildcard else text)
+    return f"*.{name}" if wildcard else name
+
+
+def domain_allows(domains: tuple[str, ...], hostname: str) -> bool:
+    """Whether `hostname` (normalized) falls in `[relay] allowed_domains` (empty: any)."""
+    if not domains:
+        return True
+    for entry in domains:
+        if entry.startswith("*."):
+            if hostname.endswith(entry[1:]):
+                return True
+        elif hostname == entry or hostname.endswith("." + entry):
+            return True
+    return False
 
 
 def _specifier(text: str) -> str:
@@ -860,6 +884,7 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
                 _path_item(ctx.base), "file path strings", single_ok=True, empty_ok=False
             ),
             "token_private_key": _path(ctx.base, optional=True),
+            "allowed_domains": _string_list(_domain, "domain name strings"),
             "blocked_versions": _string_list(_specifier, "version specifier strings"),
             "revoked_tokens": _string_list(_nonempty_item("a token id"), "token id strings"),
             "control_socket": path,

@@ -190,6 +190,10 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
         "token_private_key": (
             'Signing key used only by `tunneld token issue`; "" on a relay that never issues.'
         ),
+        "allowed_domains": (
+            'Domains `tunneld token issue` may name: "tunnel.example.com" allows it and every '
+            'name below it, "*.tunnel.example.com" only the names below; [] = any name.'
+        ),
         "blocked_versions": (
             'Daemon versions refused as insecure, PEP 440 specifiers, e.g. ["<0.3", "==0.4.1"].'
         ),

@@ -108,3 +108,31 @@ def test_join_on_the_command_line_warns_and_bad_lines_are_one_line(world: World)
     # A relay config is never overwritten by a join.
     result = join(world.relay_config, line)
     assert result.returncode == 2 and "relay config" in result.stderr
+
+
+def test_token_issue_refuses_names_outside_allowed_domains(world: World) -> None:
+    """An operator serving `*.tunnel.test` cannot mint a name it does not serve."""
+
+    def issue(*names: str) -> subprocess.CompletedProcess[str]:
+        args = ["token", "issue", "-c", str(world.relay_config)]
+        for name in names:
+            args += ["--hostname", name]
+        return tunneld(*args)
+
+    world.write_relay_config(allowed_domains=["*.tunnel.test", "home.test"])
+    assert issue("alice.tunnel.test").returncode == 0
+    assert issue("Bob.Tunnel.Test.").returncode == 0  # compared as SNI is
+    assert issue("home.test", "www.home.test").returncode == 0  # a plain entry: it and below
+    for names in (("evil.test",), ("alice.tunnel.test", "evil.test"), ("tunnel.test",)):
+        result = issue(*names)
+        assert result.returncode == 2, (names, result.stdout)
+        assert result.stdout == ""  # no token printed
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "[relay] allowed_domains" in lines[0], result.stderr
+        assert names[-1] in lines[0]
+    world.write_relay_config(allowed_domains=[])
+    assert issue("evil.test").returncode == 0  # empty: any name
+
+    world.write_relay_config(allowed_domains=["not a name!"])
+    result = tunneld("check-config", "-c", str(world.relay_config))
+    assert result.returncode == 2 and "[relay] allowed_domains" in result.stderr
