@@ -204,6 +204,12 @@ def test_home_doctor_each_cause_fails_then_passes(ha_world: World) -> None:
     assert "firewall" in r.line("relay")[2] and "ufw allow" in r.line("relay")[2]
     assert r.level("session") == "skip" and r.level("clock") == "skip"
 
+    # A relay certificate this home does not trust (no [relay] ca_file for its CA).
+    untrusted = variant(w, "untrusted.toml", relay={"ca_file": str(w.root / "home.crt")})
+    r = doctor(untrusted, here, secret=token)
+    assert r.level("relay") == "FAIL" and "does not verify" in r.line("relay")[1], r.out
+    assert "public CA" in r.line("relay")[2] and r.level("session") == "skip"
+
     # The app down; then the daemon stopped.
     next(p for p in w.procs if p.name == "hafake").stop()
     r = doctor(w.home_config, here, secret=token)

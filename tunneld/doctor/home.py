@@ -140,6 +140,15 @@ def _relay(config: HomeConfig, resolver: Resolver, report: Report) -> RelayProbe
     for address in probe.addresses:
         try:
             answer, verified, cert = _healthz(address, port, host, context)
+        except ssl.SSLCertVerificationError as exc:
+            probe.reached = None
+            report.fail(
+                "relay",
+                f"{host} at {address}:{port}: {describe(exc)}",
+                "the relay needs a certificate for its name from a public CA (README: Your "
+                "first hour); for a private CA set [relay] ca_file here",
+            )
+            return probe
         except (OSError, ValueError) as exc:
             errors.append(f"{address}: {describe(exc)}")
             continue
@@ -148,7 +157,7 @@ def _relay(config: HomeConfig, resolver: Resolver, report: Report) -> RelayProbe
         where = f"{host} at {address}:{port}"
         if verified or not secure:
             report.ok("relay", f"{where} answers /healthz {answer.status} (TLS verified)")
-        elif cert is not None and probe.date is not None and _valid_at(cert, probe.date):
+        elif _clock_only(cert, probe.date):
             report.warn(
                 "relay",
                 f"{where}: its certificate looks invalid only by this machine's clock "
@@ -159,8 +168,8 @@ def _relay(config: HomeConfig, resolver: Resolver, report: Report) -> RelayProbe
             report.fail(
                 "relay",
                 f"{where}: {errors[-1] if errors else 'certificate does not verify'}",
-                "the relay needs a certificate for its name from a public CA ([relay.acme] "
-                "gets one); for a private CA set [relay] ca_file here",
+                "the relay needs a certificate for its name from a public CA (README: Your "
+                "first hour); for a private CA set [relay] ca_file here",
             )
         return probe
     report.fail(
@@ -196,11 +205,17 @@ def _healthz(
         der = sock.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der) if der else None
         answer = http_request(sock, host, "/healthz")
-    if not verified and (
-        cert is None or answer.date() is None or not _valid_at(cert, answer.date() or 0)
-    ):
+    if not verified and not _clock_only(cert, answer.date()):
         raise failure
     return answer, verified, cert
+
+
+def _clock_only(cert: x509.Certificate | None, relay_now: float | None) -> bool:
+    """Whether a certificate that did not verify is valid by the relay's clock and not by
+    this machine's: then the clock is to blame, not the certificate."""
+    if cert is None or relay_now is None:
+        return False
+    return _valid_at(cert, relay_now) and not _valid_at(cert, time.time())
 
 
 def _valid_at(cert: x509.Certificate, when: float) -> bool:

@@ -80,7 +80,7 @@ def _certificate(config: RelayConfig, report: Report) -> str | None:
         report.fail(
             "certificate",
             str(exc),
-            f"install a certificate chain for {cfg.hostname} and its key (or use [relay.acme])",
+            f"install a certificate chain for {cfg.hostname} and its key (README: Your first hour)",
         )
         return None
     names = {s.lower().rstrip(".") for s in info.sans}
@@ -97,13 +97,13 @@ def _certificate(config: RelayConfig, report: Report) -> str | None:
         report.fail(
             "certificate",
             f"{cfg.certificate} expired at {info.not_after:%Y-%m-%dT%H:%M:%SZ}",
-            "renew it (and `systemctl reload tunneld-relay`), or let [relay.acme] manage it",
+            "renew it, then `systemctl reload tunneld-relay` (no session is dropped)",
         )
     elif left < CERT_SOON:
         report.warn(
             "certificate",
             f"{cfg.certificate} for {cfg.hostname} expires in {left / 86400:.1f} days",
-            "renew it (and `systemctl reload tunneld-relay`), or let [relay.acme] manage it",
+            "renew it, then `systemctl reload tunneld-relay` (no session is dropped)",
         )
     else:
         report.ok(
@@ -205,7 +205,7 @@ def _public(
                 "public",
                 f"{where}: {describe(exc)}",
                 f"serve a certificate for {host} from a public CA with its full chain "
-                "([relay.acme] gets one); homes with a private CA need [relay] ca_file",
+                "(README: Your first hour); homes with a private CA need [relay] ca_file",
             )
             continue
         except (OSError, ValueError) as exc:
