@@ -34,6 +34,7 @@ __all__ = [
     "HomeRelaySection",
     "IPNetwork",
     "Listen",
+    "RelayAcmeSection",
     "RelayConfig",
     "RelaySection",
     "TlsSection",
@@ -260,12 +261,6 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
-class RelayConfig:
-    path: Path
-    relay: RelaySection
-
-
-@dataclass(frozen=True)
 class HomeRelaySection:
     url: str
     token: str = field(default="", repr=False)
@@ -306,6 +301,27 @@ class AcmeSection:
     retry_max: float = 6 * 3600.0
     check_interval: float = 12 * 3600.0  # longest sleep between looks at the certificate
     jitter: float = 3600.0  # renew up to this much earlier, so many homes do not renew at once
+
+
+@dataclass(frozen=True)
+class RelayAcmeSection(AcmeSection):
+    """`[relay.acme]`: the relay's own certificate from an ACME CA (issue 20). Off by
+    default: a relay with certificate files keeps them."""
+
+    enabled: bool = False
+    # "tls-alpn-01" on the relay's own port (it ends TLS for its name), or "http-01" on
+    # `http_listen` (which must then be on port 80).
+    challenge: str = "tls-alpn-01"
+    # The account key, and the certificate and key when [relay] certificate /
+    # private_key are not given.
+    state_directory: Path = Path("/var/lib/tunneld-relay")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    path: Path
+    relay: RelaySection
+    relay_acme: RelayAcmeSection = field(default_factory=RelayAcmeSection)  # [relay.acme]
 
 
 @dataclass(frozen=True)
@@ -863,14 +879,20 @@ def load_relay_config(path: str | Path) -> RelayConfig:
 
 
 def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
-    _check_tables(ctx, data, _keys(RelayConfig))
+    _check_tables(ctx, data, ["relay"])
     if "relay" not in data:
         raise ConfigError(f"{ctx.label}: [relay]: missing; this table is required")
     path = _path(ctx.base, optional=False)
+    raw_relay = dict(_table(ctx, data, "relay"))
+    acme = _relay_acme(ctx, raw_relay.pop("acme", {}))
+    if acme.enabled:
+        # ACME-managed: the files default to the state directory (written by the relay).
+        raw_relay.setdefault("certificate", str(acme.state_directory / "certificate.pem"))
+        raw_relay.setdefault("private_key", str(acme.state_directory / "private_key.pem"))
     values = _section(
         ctx,
         "relay",
-        _table(ctx, data, "relay"),
+        raw_relay,
         RelaySection,
         {
             "hostname": _hostname,
@@ -901,7 +923,50 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
         },
     )
     _check_windows(ctx, "relay", values, RelaySection)
-    return RelayConfig(path=Path(ctx.label).absolute(), relay=RelaySection(**values))
+    relay = RelaySection(**values)
+    if acme.enabled and acme.challenge == "http-01" and not relay.http_listen:
+        raise ctx.error(
+            "relay.acme",
+            "challenge",
+            '"http-01" needs [relay] http_listen (port 80, e.g. ["0.0.0.0:80"])',
+        )
+    return RelayConfig(path=Path(ctx.label).absolute(), relay=relay, relay_acme=acme)
+
+
+def _relay_acme(ctx: _Ctx, raw: object) -> RelayAcmeSection:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{ctx.label}: [relay.acme]: expected a table, got {_show(raw)}")
+    acme = RelayAcmeSection(
+        **_section(
+            ctx,
+            "relay.acme",
+            raw,
+            RelayAcmeSection,
+            {
+                "enabled": _boolean,
+                "agree_tos": _boolean,
+                "directory": _acme_directory,
+                "email": _email,
+                "ca_file": _path(ctx.base, optional=True),
+                "renew_before": _duration(),
+                "key_type": _choice(("ec256", "rsa2048")),
+                "retry_initial": _duration(),
+                "retry_max": _duration(),
+                "check_interval": _duration(),
+                "jitter": _duration(zero_ok=True),
+                "challenge": _choice(("tls-alpn-01", "http-01")),
+                "state_directory": _path(ctx.base, optional=False),
+            },
+        )
+    )
+    if acme.retry_max < acme.retry_initial:
+        raise ctx.error(
+            "relay.acme",
+            "retry_max",
+            f"must not be shorter than retry_initial ({format_duration(acme.retry_initial)}),"
+            f" got {format_duration(acme.retry_max)}",
+        )
+    return acme
 
 
 def _path_item(base: Path) -> Callable[[str], Path]:
@@ -1146,5 +1211,8 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
                     table["token"] = SECRET_MASK
                 continue
             table[sf.name] = _plain(sf.name, value)
-        out[f.name] = table
+        if f.name == "relay_acme":  # [relay.acme]: a table inside [relay]
+            out["relay"]["acme"] = table
+        else:
+            out[f.name] = table
     return out

@@ -233,6 +233,35 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             "messages only."
         ),
     },
+    "relay.acme": {
+        "enabled": (
+            "Obtain and renew the relay's own certificate with ACME, once agree_tos is true; "
+            "then [relay] certificate and private_key (default: in state_directory) are "
+            "written by the relay, which starts with a self-signed one."
+        ),
+        "agree_tos": (
+            "You agree to the ACME CA's terms of service (Let's Encrypt: "
+            "https://letsencrypt.org/repository/). Until true, ACME stays off."
+        ),
+        "directory": "ACME directory URL.",
+        "email": 'Contact address for the ACME account; "" = none.',
+        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
+        "renew_before": "Renew this long before the certificate expires.",
+        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
+        "retry_initial": (
+            "First retry delay after a failed order; it doubles (with jitter) after each failure."
+        ),
+        "retry_max": "Longest retry delay.",
+        "check_interval": "Longest time between two looks at the certificate's expiry.",
+        "jitter": (
+            "Renew up to this much earlier than renew_before (random), so renewals spread out."
+        ),
+        "challenge": (
+            '"tls-alpn-01" on the relay\'s own TLS port, or "http-01" on http_listen (which '
+            "must then be reachable on port 80)."
+        ),
+        "state_directory": "Where the ACME account key (and, by default, the certificate) live.",
+    },
 }
 
 
@@ -249,11 +278,16 @@ def _render(
     out = [header]
     for table, values in tables.items():
         out.append(f"\n[{table}]\n")
+        subtables = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
+            if key in subtables:
+                continue  # after this table's keys, as [table.key]
             comment = comments.get(table, {}).get(key)
             if comment:
                 out.extend(f"# {line}\n" for line in textwrap.wrap(comment, WIDTH))
             out.append(f"{key} = {_value(value)}\n")
+        if subtables:
+            out.append(_render("", {f"{table}.{k}": v for k, v in subtables.items()}, comments))
     return "".join(out)
 
 
