@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-key", required=True, type=Path)
     p.add_argument("--public-key", required=True, type=Path)
 
-    cert = sub.add_parser("cert", help="the home certificate")
+    cert = sub.add_parser(
+        "cert", help="the home's (or, with -c relay.toml, the relay's) certificate"
+    )
     csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
     p = csub.add_parser("show", help="subject, SANs, issuer, expiry and SHA-256 fingerprint")
     p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
@@ -574,12 +576,16 @@ def _certificate_lines(cert: dict[str, Any], head: str) -> list[str]:
 def _cert_show(path: str, as_json: bool) -> int:
     from cryptography import x509
 
-    from tunneld.config import load_home_config
+    from tunneld.config import RelayConfig, load_config
     from tunneld.home.certs import CertificateStore, certificate_facts, is_self_signed
     from tunneld.pki import certificate_info
 
-    # The file the daemon serves, read directly: works whether or not the daemon runs.
-    cert_path = CertificateStore(load_home_config(path)).cert_path
+    # The file the daemon (or the relay) serves, read directly: works whether or not it runs.
+    config = load_config(path)
+    if isinstance(config, RelayConfig):
+        cert_path = config.relay.certificate
+    else:
+        cert_path = CertificateStore(config).cert_path
     try:
         pem = cert_path.read_bytes()
     except FileNotFoundError:
