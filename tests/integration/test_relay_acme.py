@@ -153,6 +153,20 @@ def test_relay_certificate_by_http_01_on_http_listen(pebble_world: tuple[World, 
     _, body = verified_healthz(world, pebble.root_file())
     assert body.startswith(b"HTTP/1.1 200")
     assert "answering the ACME http-01 challenge" in world.relay.log()
+    # A changed [relay.acme] key needs a restart: SIGHUP says so and keeps the running one.
+    world.write_relay_config(
+        world.relay_port,
+        http_listen=[f"127.0.0.1:{pebble.http_port}"],
+        **relay_acme(world, pebble, challenge="http-01", email="other@relay.test"),
+    )
+    world.relay.popen.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (
+            "[relay.acme] email"
+            in (world.status(world.relay_config, world.relay) or {})["config"]["needs_restart"]
+        ),
+        what="reload naming [relay.acme] email",
+    )
     # Other plain-HTTP requests still get the redirect.
     with socket.create_connection(("127.0.0.1", pebble.http_port), timeout=10) as conn:
         conn.sendall(b"GET /x HTTP/1.1\r\nHost: relay.test\r\n\r\n")
@@ -168,3 +182,22 @@ def test_relay_acme_config_errors_are_one_line(tmp_path: Path) -> None:
     world.write_relay_config(acme={"enabled": True, "bogus": 1})
     result = tunneld("check-config", "-c", str(world.relay_config))
     assert result.returncode == 2 and "[relay.acme] bogus" in result.stderr
+
+
+def test_relay_doctor_follows_relay_acme(pebble_world: tuple[World, Pebble]) -> None:
+    from tests.integration.test_doctor import doctor
+
+    world, pebble = pebble_world
+    here = f"{RELAY_HOST}:127.0.0.1"
+    # Terms not agreed: the relay serves its self-signed certificate, and doctor says why.
+    world.start_relay(world.relay_port, **relay_acme(world, pebble, agree_tos=False))
+    r = doctor(world.relay_config, here)
+    assert r.level("certificate") == "warn" and "self-signed" in r.line("certificate")[1], r.out
+    assert "agree_tos = true" in r.line("certificate")[2]
+    assert r.level("public") == "FAIL"  # nobody trusts it
+    world.relay.stop()
+    # Agreed: issued, and every check passes for a home trusting Pebble's root.
+    world.start_relay(world.relay_port, **relay_acme(world, pebble))
+    wait_pebble_issued(world)
+    r = doctor(world.relay_config, here, env={"SSL_CERT_FILE": str(pebble.root_file())})
+    assert r.code == 0, r.out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -74,6 +75,14 @@ def _keys(config: RelayConfig, report: Report) -> None:
 
 def _certificate(config: RelayConfig, report: Report) -> str | None:
     cfg = config.relay
+    acme = config.relay_acme
+    if acme.enabled and not cfg.certificate.exists():
+        report.warn(
+            "certificate",
+            f"{cfg.certificate} does not exist yet ([relay.acme] makes it when the relay starts)",
+            "start the relay: `systemctl enable --now tunneld-relay`",
+        )
+        return None
     try:
         _, info = relay_tls(config)
     except ConfigError as exc:
@@ -92,6 +101,15 @@ def _certificate(config: RelayConfig, report: Report) -> str | None:
             f"{cfg.certificate} is for {', '.join(info.sans) or '(no names)'}, "
             f"not for {cfg.hostname}",
             f"install a certificate whose names include {cfg.hostname}",
+        )
+    elif acme.enabled and _self_signed(cfg.certificate):
+        report.warn(
+            "certificate",
+            f"{cfg.certificate} is still self-signed: [relay.acme] has no certificate yet"
+            + ("" if acme.agree_tos else " (agree_tos is false)"),
+            "set [relay.acme] agree_tos = true; the CA must reach this relay on port "
+            + ("80 (http_listen)" if acme.challenge == "http-01" else "443")
+            + "; `tunneld status -c relay.toml` shows the renewal state and its last error",
         )
     elif left <= 0:
         report.fail(
@@ -112,6 +130,16 @@ def _certificate(config: RelayConfig, report: Report) -> str | None:
             f"SHA-256 {colon(info.sha256)[:23]}...",
         )
     return info.sha256
+
+
+def _self_signed(path: Path) -> bool:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError):
+        return False
+    return cert.issuer == cert.subject
 
 
 def _status(config: RelayConfig) -> dict[str, Any] | None | str:
