@@ -182,8 +182,13 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
         ),
         "listen": 'Public TLS listeners, "host:port" (IPv6 as "[::]:443").',
         "http_listen": 'Optional plain-HTTP listeners that redirect to https, e.g. ["0.0.0.0:80"].',
-        "certificate": "Required. Certificate chain (PEM) for the relay's own hostname.",
-        "private_key": "Required. Private key (PEM) for that certificate.",
+        "certificate": (
+            "Required (unless [relay.acme] manages it). Certificate chain (PEM) for the "
+            "relay's own hostname."
+        ),
+        "private_key": (
+            "Required (unless [relay.acme] manages it). Private key (PEM) for that certificate."
+        ),
         "token_public_key": (
             "Required. Ed25519 public key(s) that verify tokens; a list lets signing keys rotate."
         ),
