@@ -221,6 +221,9 @@ def test_home_doctor_each_cause_fails_then_passes(ha_world: World) -> None:
     assert r.level("tunnel") == "warn" and "not running" in r.line("tunnel")[1], r.out
     assert r.level("session") == "ok"  # the relay still accepts the token
     assert "Traceback" not in w.relay.log()
+    # The session check opened no session: nothing failed a handshake, nothing replaced.
+    assert "failed its handshake" not in w.relay.log()
+    assert "replaced" not in w.relay.log()
 
 
 def test_relay_doctor_each_cause_fails_then_passes(world: World) -> None:

@@ -2,7 +2,7 @@
 
 The checks, in order (each one line): config, relay (resolves, TLS verifies, /healthz),
 clock (against the relay's Date header), token (unexpired by the relay's clock, naming
-every hostname), session (a real tunnel handshake with the token, closed at once), dns
+every hostname), session (the tunnel handshake with the token, answered without opening a session), dns
 (each hostname resolves to the relay, not to this network), tunnel (a request through
 the relay reaches this daemon and shows its certificate), upstream (the app answers),
 forwarded (the app accepts X-Forwarded-For from this host: Home Assistant answers 400
@@ -348,6 +348,8 @@ def _session(config: HomeConfig, relay: RelayProbe, report: Report) -> None:
         ("Authorization", "Bearer " + config.relay.token),
         ("Tunneld-Version", __version__),
         ("Tunneld-Hostnames", names),
+        # Answered 200 without opening a session (an older relay upgrades: 101, also fine).
+        ("Tunneld-Check", "1"),
     ]
     try:
         if config.relay.url.startswith("wss:"):
@@ -366,8 +368,8 @@ def _session(config: HomeConfig, relay: RelayProbe, report: Report) -> None:
             FIREWALL.format(port=relay.port),
         )
         return
-    if answer.status == 101:
-        report.ok("session", f"the relay accepts this token for {names} (handshake closed at once)")
+    if answer.status in (101, 200):
+        report.ok("session", f"the relay accepts this token for {names} (checked without opening a session)")
         return
     reason, detail = "refused", ""
     try:

@@ -432,6 +432,11 @@ class Relay:
             body = json.dumps({"reason": exc.reason, "detail": str(exc)}).encode()
             await _respond(tls, http, status, body, "application/json")
             return
+        if _header(request, b"tunneld-check"):
+            # `tunneld doctor`: this token would be accepted; no session is opened.
+            body = json.dumps({"ok": True, "hostnames": list(hostnames)}).encode()
+            await _respond(tls, http, 200, body, "application/json")
+            return
         offered = _header(request, b"sec-websocket-protocol")
         key = _header(request, b"sec-websocket-key")
         if self.cfg.raw_transport and key and RAW_SUBPROTOCOL in _tokens(offered):
