@@ -2,9 +2,10 @@
 
 The checks, in order (each one line): config, relay (resolves, TLS verifies, /healthz),
 clock (against the relay's Date header), token (unexpired by the relay's clock, naming
-every hostname), session (the tunnel handshake with the token, answered without opening a session), dns
-(each hostname resolves to the relay, not to this network), tunnel (a request through
-the relay reaches this daemon and shows its certificate), upstream (the app answers),
+every hostname), session (the tunnel handshake with the token, answered without
+opening a session), dns (each hostname resolves to the relay, not to this network),
+tunnel (a request through the relay reaches this daemon and shows its certificate),
+upstream (the app answers),
 forwarded (the app accepts X-Forwarded-For from this host: Home Assistant answers 400
 both without `use_x_forwarded_for` and with the proxy missing from `trusted_proxies`),
 certificate (days left, or renewal working).
@@ -317,7 +318,7 @@ def _token(config: HomeConfig, skew: float | None, report: Report) -> None:
         )
 
 
-# -- session: a real handshake, closed at once -------------------------------------------
+# -- session: the real handshake, no session opened ----------------------------------------
 
 _REFUSAL_FIX = {
     "hostname_not_allowed": "get a token naming every [tls] hostname: " + REISSUE,
@@ -369,7 +370,10 @@ def _session(config: HomeConfig, relay: RelayProbe, report: Report) -> None:
         )
         return
     if answer.status in (101, 200):
-        report.ok("session", f"the relay accepts this token for {names} (checked without opening a session)")
+        report.ok(
+            "session",
+            f"the relay accepts this token for {names} (checked without opening a session)",
+        )
         return
     reason, detail = "refused", ""
     try:
