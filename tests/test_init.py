@@ -23,7 +23,7 @@ def comments(text: str) -> dict[tuple[str, str], str]:
     table = ""
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        if m := re.fullmatch(r"\[(\w+)\]", line):
+        if m := re.fullmatch(r"\[([\w.]+)\]", line):
             table = m.group(1)
         elif "=" in line and not line.startswith("#"):
             above: list[str] = []
@@ -96,7 +96,12 @@ def test_init_output_carries_every_key_with_the_conf_examples_comments(tmp_path:
             assert text, f"no comment above {key}"
             assert text == want[key], key  # the same words as conf/
         # Every key of the loaded config is in the file.
-        keys = {(t, k) for t, values in masked(load_config(written)).items() for k in values}
+        keys = {
+            (f"{t}.{k}", sk) if isinstance(v, dict) else (t, k)
+            for t, values in masked(load_config(written)).items()
+            for k, v in values.items()
+            for sk in (v if isinstance(v, dict) else [None])
+        }
         assert keys == set(got)
         assert set(table) == {t for t, _ in got}
 

@@ -144,7 +144,19 @@ def check_relay(config: RelayConfig, *, starting: bool = False) -> Findings:
     is checked by check-config."""
     findings = Findings()
     cfg: RelaySection = config.relay
-    _attempt(findings, relay_tls, config)
+    acme = config.relay_acme
+    if not (acme.enabled and not cfg.certificate.exists() and not cfg.private_key.exists()):
+        _attempt(findings, relay_tls, config)  # [relay.acme] creates missing files itself
+    if acme.enabled and not acme.agree_tos:
+        findings.warnings.append(
+            f"{_label(config.path, 'relay.acme', 'agree_tos')}: false, so ACME stays off and "
+            f"the relay keeps serving {cfg.certificate.name} (self-signed until ordered); "
+            f"read the CA's terms (Let's Encrypt: {LETSENCRYPT_TERMS}) and set agree_tos = true"
+        )
+    if acme.enabled and acme.ca_file is not None:
+        _attempt(
+            findings, client_context, _label(config.path, "relay.acme", "ca_file"), acme.ca_file
+        )
     label = _label(config.path, "relay", "token_public_key")
     try:
         load_public_keys(cfg.token_public_key)

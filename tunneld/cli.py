@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-key", required=True, type=Path)
     p.add_argument("--public-key", required=True, type=Path)
 
-    cert = sub.add_parser("cert", help="the home certificate")
+    cert = sub.add_parser(
+        "cert", help="the home's (or, with -c relay.toml, the relay's) certificate"
+    )
     csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
     p = csub.add_parser("show", help="subject, SANs, issuer, expiry and SHA-256 fingerprint")
     p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
@@ -92,11 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="waive the relay's current blocked_versions (later blocks still apply)",
     )
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="print one line, `tunneld join TOKEN@RELAY`, for `tunneld join -` on the home",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="with --join: the relay's public port (default: its first listen port)",
+    )
     p = tsub.add_parser("inspect", help="show a token's claims (never its signature)")
     p.add_argument("token", nargs="?", help="the token (default: read stdin)")
     _add_bans_parser(sub)
     _add_init_parser(sub)
     _add_client_parser(sub)
+    _add_doctor_parser(sub)
+    _add_join_parser(sub)
     return parser
 
 
@@ -131,6 +146,93 @@ def _client(args: argparse.Namespace) -> int:
         force=getattr(args, "force", False),
         as_json=getattr(args, "json", False),
     )
+
+
+def _add_join_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "join",
+        help="pair this home with a relay: the line `token issue --join` printed, or - (stdin)",
+    )
+    p.add_argument(
+        "line",
+        help="- to read the line from stdin (keeps the token out of shell history and ps)",
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG, type=Path)
+    p.add_argument("--upstream", help="the local app (default: keep, or http://127.0.0.1:8123)")
+    p.add_argument("--ca-file", type=Path, help="an extra CA for the relay's certificate")
+    p.add_argument(
+        "--agree-tos",
+        action="store_true",
+        help="agree to the ACME CA's terms of service (turns ACME on)",
+    )
+    p.add_argument("--resolve", action="append", default=[], metavar="NAME:ADDRESS")
+
+
+def _join(args: argparse.Namespace) -> int:
+    from tunneld.checks import check_config
+    from tunneld.config import load_config
+    from tunneld.doctor import run_doctor
+    from tunneld.join import apply_join, parse_join_line
+
+    if args.line == "-":
+        text = sys.stdin.readline()
+    else:
+        text = args.line
+        print(
+            "tunneld: warning: the token was on the command line, where shell history and "
+            "`ps` see it; next time use `tunneld join -` and paste the line",
+            file=sys.stderr,
+        )
+    line = parse_join_line(text)
+    for note in apply_join(
+        args.config, line, upstream=args.upstream, agree_tos=args.agree_tos, ca_file=args.ca_file
+    ):
+        print(note)
+    findings = check_config(load_config(args.config))
+    for warning in findings.warnings:
+        print(f"tunneld: warning: {warning}", file=sys.stderr)
+    if findings.errors:
+        for error in findings.errors:
+            print(f"tunneld: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"check-config: {args.config} is valid")
+    print("doctor:", flush=True)
+    report = run_doctor(
+        str(args.config), args.resolve, echo=lambda text: print(f"  {text}", flush=True)
+    )
+    print(f"  {report.summary()}")
+    running = not any(c.name == "tunnel" and "not running" in c.message for c in report.checks)
+    if running:
+        print("next: `systemctl reload tunneld` (the daemon runs: it picks up the new token)")
+    else:
+        print(
+            "next: `systemctl enable --now tunneld` (see README: Setting it up), then "
+            f"`tunneld doctor -c {args.config}`"
+        )
+    return 0
+
+
+def _add_doctor_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor", help="check a home or relay setup end to end; one line per check, with its fix"
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_HOME_CONFIG)
+    p.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="NAME:ADDRESS",
+        help="use ADDRESS for NAME instead of DNS (repeatable), e.g. before the records exist",
+    )
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tunneld.doctor import run_doctor
+
+    print(f"tunneld doctor: {args.config}", flush=True)
+    report = run_doctor(args.config, args.resolve, echo=lambda line: print(line, flush=True))
+    print(report.summary())
+    return report.exit_code
 
 
 def _add_init_parser(sub: Any) -> None:
@@ -297,6 +399,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _init(args)
     if cmd == "client":
         return _client(args)
+    if cmd == "doctor":
+        return _doctor(args)
+    if cmd == "join":
+        return _join(args)
     if cmd == "token":
         if args.token_command == "issue":
             return _token_issue(args)
@@ -566,12 +672,16 @@ def _certificate_lines(cert: dict[str, Any], head: str) -> list[str]:
 def _cert_show(path: str, as_json: bool) -> int:
     from cryptography import x509
 
-    from tunneld.config import load_home_config
+    from tunneld.config import RelayConfig, load_config
     from tunneld.home.certs.store import CertificateStore, certificate_facts, is_self_signed
     from tunneld.pki import certificate_info
 
-    # The file the daemon serves, read directly: works whether or not the daemon runs.
-    cert_path = CertificateStore(load_home_config(path)).cert_path
+    # The file the daemon (or the relay) serves, read directly: works whether or not it runs.
+    config = load_config(path)
+    if isinstance(config, RelayConfig):
+        cert_path = config.relay.certificate
+    else:
+        cert_path = CertificateStore(config).cert_path
     try:
         pem = cert_path.read_bytes()
     except FileNotFoundError:
@@ -610,7 +720,13 @@ def _check_config(path: str) -> int:
 
 
 def _token_issue(args: argparse.Namespace) -> int:
-    from tunneld.config import RelayConfig, load_config, parse_duration
+    from tunneld.config import (
+        RelayConfig,
+        domain_allows,
+        load_config,
+        normalize_hostname,
+        parse_duration,
+    )
     from tunneld.errors import ConfigError
     from tunneld.tokens import issue_token, load_private_key
 
@@ -626,8 +742,23 @@ def _token_issue(args: argparse.Namespace) -> int:
         ttl = parse_duration(args.ttl)
     except ValueError:
         raise ConfigError(f'--ttl: expected a duration like "90d", got {args.ttl!r}') from None
-    key = load_private_key(config.relay.token_private_key)
     hostnames = list(args.hostnames)
+    outside = []
+    for name in hostnames:
+        try:
+            normal = normalize_hostname(name)
+        except ValueError:
+            continue  # issue_token refuses it, with its own reason
+        if not domain_allows(config.relay.allowed_domains, normal):
+            outside.append(normal)
+    if outside:
+        raise ConfigError(
+            f"--hostname {', '.join(outside)}: outside this relay's domains; "
+            f"{args.config}: [relay] allowed_domains is "
+            f"{', '.join(config.relay.allowed_domains)} (add the domain there if this relay "
+            "serves it, and point its DNS at the relay)"
+        )
+    key = load_private_key(config.relay.token_private_key)
     token = issue_token(
         key,
         hostnames=hostnames,
@@ -635,8 +766,36 @@ def _token_issue(args: argparse.Namespace) -> int:
         ttl=ttl,
         allow_insecure=config.relay.blocked_versions if args.allow_insecure else (),
     )
+    if args.join:
+        from tunneld.join import format_join_line
+
+        port = args.port if args.port is not None else _public_port(config)
+        print(format_join_line(token, config.relay.hostname, port))
+        print(
+            "tunneld: on the home, run `tunneld join -` and paste this line (stdin keeps the "
+            "token out of shell history and ps)",
+            file=sys.stderr,
+        )
+        return 0
     print(token)
     return 0
+
+
+def _public_port(config: RelayConfig) -> int:
+    """The relay's first listen port; when that is 0 (any), the running relay's."""
+    from tunneld.control import get_json
+
+    port = config.relay.listen[0][1]
+    if port:
+        return port
+    try:
+        status = trio.run(get_json, config.relay.control_socket, "/v1/status")
+        assert isinstance(status, dict)
+        return int(str(status["listen"][0]).rsplit(":", 1)[1])
+    except (TunneldError, OSError, KeyError, IndexError, ValueError, AssertionError):
+        raise ConfigError(
+            f"{config.path}: [relay] listen: port 0 and no running relay to ask; give --port"
+        ) from None
 
 
 def _token_inspect(token: str | None) -> int:

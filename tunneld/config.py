@@ -38,6 +38,7 @@ __all__ = [
     "IPNetwork",
     "LanSection",
     "Listen",
+    "RelayAcmeSection",
     "RelayConfig",
     "RelaySection",
     "RouteSection",
@@ -54,6 +55,7 @@ __all__ = [
     "parse_duration",
     "parse_listen",
     "split_connect_to",
+    "domain_allows",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -244,6 +246,8 @@ class RelaySection:
     listen: tuple[Listen, ...] = (("0.0.0.0", 443),)
     http_listen: tuple[Listen, ...] = ()
     token_private_key: Path | None = None
+    # `tunneld token issue` refuses hostnames outside these domains (empty: any name).
+    allowed_domains: tuple[str, ...] = ()
     blocked_versions: tuple[str, ...] = ()
     revoked_tokens: tuple[str, ...] = ()
     control_socket: Path = Path("/run/tunneld-relay/control.sock")
@@ -260,12 +264,6 @@ class RelaySection:
     data_connections: int = 8  # idle data connections kept per home session; 0 = none
     connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
     metrics_listen: Listen | None = None  # Prometheus /metrics over TCP; None = off
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    path: Path
-    relay: RelaySection
 
 
 @dataclass(frozen=True)
@@ -309,6 +307,27 @@ class AcmeSection:
     retry_max: float = 6 * 3600.0
     check_interval: float = 12 * 3600.0  # longest sleep between looks at the certificate
     jitter: float = 3600.0  # renew up to this much earlier, so many homes do not renew at once
+
+
+@dataclass(frozen=True)
+class RelayAcmeSection(AcmeSection):
+    """`[relay.acme]`: the relay's own certificate from an ACME CA (issue 20). Off by
+    default: a relay with certificate files keeps them."""
+
+    enabled: bool = False
+    # "tls-alpn-01" on the relay's own port (it ends TLS for its name), or "http-01" on
+    # `http_listen` (which must then be on port 80).
+    challenge: str = "tls-alpn-01"
+    # The account key, and the certificate and key when [relay] certificate /
+    # private_key are not given.
+    state_directory: Path = Path("/var/lib/tunneld-relay")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    path: Path
+    relay: RelaySection
+    relay_acme: RelayAcmeSection = field(default_factory=RelayAcmeSection)  # [relay.acme]
 
 
 @dataclass(frozen=True)
@@ -615,6 +634,27 @@ def _nonempty_item(what: str) -> Callable[[str], str]:
         return text.strip()
 
     return convert
+
+
+def _domain(text: str) -> str:
+    """`[relay] allowed_domains` entry: "example.com" (it and every name below it) or
+    "*.example.com" (only names below it)."""
+    wildcard = text.strip().startswith("*.")
+    name = normalize_hostname(text.strip()[2:] if wildcard else text)
+    return f"*.{name}" if wildcard else name
+
+
+def domain_allows(domains: tuple[str, ...], hostname: str) -> bool:
+    """Whether `hostname` (normalized) falls in `[relay] allowed_domains` (empty: any)."""
+    if not domains:
+        return True
+    for entry in domains:
+        if entry.startswith("*."):
+            if hostname.endswith(entry[1:]):
+                return True
+        elif hostname == entry or hostname.endswith("." + entry):
+            return True
+    return False
 
 
 def _specifier(text: str) -> str:
@@ -929,14 +969,20 @@ def load_relay_config(path: str | Path) -> RelayConfig:
 
 
 def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
-    _check_tables(ctx, data, _keys(RelayConfig))
+    _check_tables(ctx, data, ["relay"])
     if "relay" not in data:
         raise ConfigError(f"{ctx.label}: [relay]: missing; this table is required")
     path = _path(ctx.base, optional=False)
+    raw_relay = dict(_table(ctx, data, "relay"))
+    acme = _relay_acme(ctx, raw_relay.pop("acme", {}))
+    if acme.enabled:
+        # ACME-managed: the files default to the state directory (written by the relay).
+        raw_relay.setdefault("certificate", str(acme.state_directory / "certificate.pem"))
+        raw_relay.setdefault("private_key", str(acme.state_directory / "private_key.pem"))
     values = _section(
         ctx,
         "relay",
-        _table(ctx, data, "relay"),
+        raw_relay,
         RelaySection,
         {
             "hostname": _hostname,
@@ -950,6 +996,7 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
                 _path_item(ctx.base), "file path strings", single_ok=True, empty_ok=False
             ),
             "token_private_key": _path(ctx.base, optional=True),
+            "allowed_domains": _string_list(_domain, "domain name strings"),
             "blocked_versions": _string_list(_specifier, "version specifier strings"),
             "revoked_tokens": _string_list(_nonempty_item("a token id"), "token id strings"),
             "control_socket": path,
@@ -967,7 +1014,50 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
         },
     )
     _check_windows(ctx, "relay", values, RelaySection)
-    return RelayConfig(path=Path(ctx.label).absolute(), relay=RelaySection(**values))
+    relay = RelaySection(**values)
+    if acme.enabled and acme.challenge == "http-01" and not relay.http_listen:
+        raise ctx.error(
+            "relay.acme",
+            "challenge",
+            '"http-01" needs [relay] http_listen (port 80, e.g. ["0.0.0.0:80"])',
+        )
+    return RelayConfig(path=Path(ctx.label).absolute(), relay=relay, relay_acme=acme)
+
+
+def _relay_acme(ctx: _Ctx, raw: object) -> RelayAcmeSection:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{ctx.label}: [relay.acme]: expected a table, got {_show(raw)}")
+    acme = RelayAcmeSection(
+        **_section(
+            ctx,
+            "relay.acme",
+            raw,
+            RelayAcmeSection,
+            {
+                "enabled": _boolean,
+                "agree_tos": _boolean,
+                "directory": _acme_directory,
+                "email": _email,
+                "ca_file": _path(ctx.base, optional=True),
+                "renew_before": _duration(),
+                "key_type": _choice(("ec256", "rsa2048")),
+                "retry_initial": _duration(),
+                "retry_max": _duration(),
+                "check_interval": _duration(),
+                "jitter": _duration(zero_ok=True),
+                "challenge": _choice(("tls-alpn-01", "http-01")),
+                "state_directory": _path(ctx.base, optional=False),
+            },
+        )
+    )
+    if acme.retry_max < acme.retry_initial:
+        raise ctx.error(
+            "relay.acme",
+            "retry_max",
+            f"must not be shorter than retry_initial ({format_duration(acme.retry_initial)}),"
+            f" got {format_duration(acme.retry_max)}",
+        )
+    return acme
 
 
 def _path_item(base: Path) -> Callable[[str], Path]:
@@ -1452,5 +1542,8 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
                 }
                 continue
             table[sf.name] = _plain(sf.name, value)
-        out[f.name] = table
+        if f.name == "relay_acme":  # [relay.acme]: a table inside [relay]
+            out["relay"]["acme"] = table
+        else:
+            out[f.name] = table
     return out

@@ -230,13 +230,22 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
         ),
         "listen": 'Public TLS listeners, "host:port" (IPv6 as "[::]:443").',
         "http_listen": 'Optional plain-HTTP listeners that redirect to https, e.g. ["0.0.0.0:80"].',
-        "certificate": "Required. Certificate chain (PEM) for the relay's own hostname.",
-        "private_key": "Required. Private key (PEM) for that certificate.",
+        "certificate": (
+            "Required (unless [relay.acme] manages it). Certificate chain (PEM) for the "
+            "relay's own hostname."
+        ),
+        "private_key": (
+            "Required (unless [relay.acme] manages it). Private key (PEM) for that certificate."
+        ),
         "token_public_key": (
             "Required. Ed25519 public key(s) that verify tokens; a list lets signing keys rotate."
         ),
         "token_private_key": (
             'Signing key used only by `tunneld token issue`; "" on a relay that never issues.'
+        ),
+        "allowed_domains": (
+            'Domains `tunneld token issue` may name: "tunnel.example.com" allows it and every '
+            'name below it, "*.tunnel.example.com" only the names below; [] = any name.'
         ),
         "blocked_versions": (
             'Daemon versions refused as insecure, PEP 440 specifiers, e.g. ["<0.3", "==0.4.1"].'
@@ -282,6 +291,35 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             " (PROTOCOL.md section 11)."
         ),
     },
+    "relay.acme": {
+        "enabled": (
+            "Obtain and renew the relay's own certificate with ACME, once agree_tos is true; "
+            "then [relay] certificate and private_key (default: in state_directory) are "
+            "written by the relay, which starts with a self-signed one."
+        ),
+        "agree_tos": (
+            "You agree to the ACME CA's terms of service (Let's Encrypt: "
+            "https://letsencrypt.org/repository/). Until true, ACME stays off."
+        ),
+        "directory": "ACME directory URL.",
+        "email": 'Contact address for the ACME account; "" = none.',
+        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
+        "renew_before": "Renew this long before the certificate expires.",
+        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
+        "retry_initial": (
+            "First retry delay after a failed order; it doubles (with jitter) after each failure."
+        ),
+        "retry_max": "Longest retry delay.",
+        "check_interval": "Longest time between two looks at the certificate's expiry.",
+        "jitter": (
+            "Renew up to this much earlier than renew_before (random), so renewals spread out."
+        ),
+        "challenge": (
+            '"tls-alpn-01" on the relay\'s own TLS port, or "http-01" on http_listen (which '
+            "must then be reachable on port 80)."
+        ),
+        "state_directory": "Where the ACME account key (and, by default, the certificate) live.",
+    },
 }
 
 
@@ -309,11 +347,16 @@ def _render(
                     out.append(f"{key} = {_value(value)}\n")
             continue
         out.append(f"\n[{table}]\n")
+        subtables = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
+            if key in subtables:
+                continue  # after this table's keys, as [table.key]
             comment = comments.get(table, {}).get(key)
             if comment:
                 out.extend(f"# {line}\n" for line in textwrap.wrap(comment, WIDTH))
             out.append(f"{key} = {_value(value)}\n")
+        if subtables:
+            out.append(_render("", {f"{table}.{k}": v for k, v in subtables.items()}, comments))
     return "".join(out)
 
 

@@ -109,8 +109,13 @@ def changed_keys(old: HomeConfig | RelayConfig, new: HomeConfig | RelayConfig) -
             continue
         for f in dataclasses.fields(a):
             if f.init and getattr(a, f.name) != getattr(b, f.name):
-                out.append(f"[{table.name}] {f.name}")
+                out.append(f"[{_shown(table.name)}] {f.name}")
     return out
+
+
+def _shown(table: str) -> str:
+    """The TOML name of a config table (RelayConfig.relay_acme is [relay.acme])."""
+    return "relay.acme" if table == "relay_acme" else table
 
 
 def keep_running_values(
@@ -126,7 +131,7 @@ def keep_running_values(
         running = getattr(getattr(old, table), key)
         if getattr(getattr(new, table), key) != running:
             kept.setdefault(table, {})[key] = running
-            pending.append(f"[{table}] {key}")
+            pending.append(f"[{_shown(table)}] {key}")
     sections = {t: dataclasses.replace(getattr(new, t), **values) for t, values in kept.items()}
     return dataclasses.replace(new, **sections), tuple(pending)
 

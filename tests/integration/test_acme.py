@@ -65,6 +65,7 @@ class Pebble:
     """Pebble + pebble-challtestsrv on loopback, for one world."""
 
     world: World
+    http_port: int = 0  # where Pebble validates http-01 (0: a free port nobody uses)
 
     def start(self) -> None:
         root = self.world.root / "pebble"
@@ -87,7 +88,7 @@ class Pebble:
                 "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
                 "certificate": str(root / "cert.pem"),
                 "privateKey": str(root / "key.pem"),
-                "httpPort": free_port(),
+                "httpPort": self.http_port or free_port(),
                 "tlsPort": self.world.relay_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,

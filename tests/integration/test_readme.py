@@ -109,6 +109,14 @@ def runnable(block: str, etc: Path, binary: Path) -> str:
             continue
         if line.startswith(("useradd ", "cp systemd/", "chgrp ")):
             continue
+        if " doctor " in line:
+            continue  # needs the running processes: tests/integration/test_doctor.py
+        if " token issue " in line and line.endswith(" --join"):
+            line += " > join.txt"  # the line the user copies
+        if " join - " in line:
+            # pasted on stdin; the names resolve to a closed port here, so doctor is quick
+            line += " --resolve relay.example.com:127.0.0.1 --resolve home.example.com:127.0.0.1"
+            line += " < join.txt"
         line = line.replace("/opt/tunneld/bin/tunneld", str(binary))
         line = line.replace("/etc/", f"{etc}/")
         line = re.sub(r" -g tunneld(-relay)?\b", "", line)
@@ -131,7 +139,8 @@ def test_setting_it_up_runs_in_the_order_given(tmp_path: Path) -> None:
     assert "/opt/tunneld/bin/pip install ." in install and "ln -sf" in install
     for block in (relay, home):
         calls = re.findall(
-            r"(?:^|[\s;&])((?:\S*/)?tunneld) (?:init|keygen|token issue|check-config|status)\b",
+            r"(?:^|[\s;&])((?:\S*/)?tunneld) "
+            r"(?:init|keygen|token issue|check-config|status|join|doctor)\b",
             block,
         )
         assert calls and set(calls) == {"/opt/tunneld/bin/tunneld"}, calls
@@ -142,6 +151,7 @@ def test_setting_it_up_runs_in_the_order_given(tmp_path: Path) -> None:
             "init --role relay",
             "keygen",
             'token_private_key = "token.key"',
+            "tunneld doctor",
             "tunneld token issue",
         )
     ]
@@ -163,7 +173,9 @@ def test_setting_it_up_runs_in_the_order_given(tmp_path: Path) -> None:
         ["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, (script, result.stdout, result.stderr)
-    claims = decode_claims_unverified((tmp_path / "token.txt").read_text().strip())
+    joined = (tmp_path / "join.txt").read_text().strip()
+    assert joined.startswith("tunneld join tunneld1.") and joined.endswith("@relay.example.com")
+    claims = decode_claims_unverified(joined.split()[2].rsplit("@", 1)[0])
     assert claims.hostnames == ("home.example.com",)
 
     lines = [line for line in runnable(home, etc, binary).splitlines() if " status " not in line]
@@ -173,3 +185,5 @@ def test_setting_it_up_runs_in_the_order_given(tmp_path: Path) -> None:
     assert result.returncode == 0, (lines, result.stdout, result.stderr)
     assert "valid home daemon config" in result.stdout and "warning" not in result.stderr
     assert "agree_tos = true" in (etc / "tunneld" / "tunneld.toml").read_text()
+    assert (etc / "tunneld" / "token").read_text().strip() == joined.split()[2].rsplit("@", 1)[0]
+    assert "next: `systemctl enable --now tunneld`" in result.stdout

@@ -10,10 +10,12 @@ a restart: they keep their running values and are named in the log.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 from tunneld.checks import relay_tls
+from tunneld.config import RelayAcmeSection
 from tunneld.errors import ConfigError, KeyFileError
 from tunneld.pki import CertificateInfo
 from tunneld.reload import (
@@ -39,6 +41,8 @@ RESTART_ONLY = (
     ("relay", "http_listen"),
     ("relay", "control_socket"),
     ("relay", "metrics_listen"),
+    # [relay.acme]: the manager and the certificate store are made at start.
+    *(("relay_acme", f.name) for f in dataclasses.fields(RelayAcmeSection) if f.init),
 )
 
 

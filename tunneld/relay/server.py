@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import json
 import logging
 import secrets
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -48,7 +49,12 @@ from tunneld.tokens import (
     verify_token,
 )
 from tunneld.transport.attached import abort
-from tunneld.transport.channel import RAW_SUBPROTOCOL, RawChannel, websocket_accept
+from tunneld.transport.channel import (
+    RAW_SUBPROTOCOL,
+    ChannelClosed,
+    RawChannel,
+    websocket_accept,
+)
 from tunneld.transport.kernelsplice import send_first, splice_attached
 from tunneld.transport.prefixed import PrefixedStream
 from tunneld.transport.rawsock import SESSION_UNSENT, RawSocketStream, raw_stream
@@ -70,6 +76,10 @@ from tunneld.wire.clienthello import (
 )
 from tunneld.wire.dataconn import LINE_SIZE, Preamble, is_data_start, parse_preamble
 from tunneld.wire.mux import Role
+
+if TYPE_CHECKING:  # imported when [relay.acme] is on: the ACME client costs ~8 MB
+    from tunneld.acmeclient import AcmeManager
+    from tunneld.relay.certs import LoadedRelayCertificate, RelayCertificates
 
 log = logging.getLogger("tunneld.relay")
 
@@ -118,7 +128,16 @@ class Relay:
             self._public_keys = load_public_keys(self.cfg.token_public_key)
         except KeyFileError as exc:
             raise ConfigError(f"{config.path}: [relay] token_public_key: {exc}") from None
-        self._ssl, self.certificate = relay_tls(config)
+        # [relay.acme]: the relay's own certificate from an ACME CA (relay/certs.py).
+        self.own_certs: RelayCertificates | None = None
+        if config.relay_acme.enabled:
+            from tunneld.relay.certs import RelayCertificates
+
+            self.own_certs = RelayCertificates(config, on_change=self.set_tls)
+            loaded = _load_own(self.own_certs, config)
+            self._ssl, self.certificate = loaded.context, loaded.info
+        else:
+            self._ssl, self.certificate = relay_tls(config)
         self._stop = trio.Event()
         self.listening: list[tuple[str, int]] = []
         self.metrics = make_registry(RelayCollector(self.status))
@@ -218,6 +237,8 @@ class Relay:
                     __version__,
                 )
                 root.start_soon(run_watchdog)
+                if self.own_certs is not None and self.own_certs.acme_enabled:
+                    root.start_soon(self._own_acme().run)
                 notify("READY=1", f"STATUS=listening on {len(self.listening)} address(es)")
                 task_status.started()
                 await self._stop.wait()
@@ -306,6 +327,9 @@ class Relay:
             return
         sni = normalize_hostname(hello.sni) if hello.sni else None
         if sni == self.cfg.hostname:
+            if self.own_certs is not None and self.own_certs.is_challenge(hello):
+                await self._answer_acme(tcp, bytes(buf), hello)  # TLS-ALPN-01
+                return
             await self._serve_own(tcp, bytes(buf), ip)
             return
         session = self.registry.lookup(sni) if sni else None
@@ -502,6 +526,11 @@ class Relay:
             body = json.dumps({"reason": exc.reason, "detail": str(exc)}).encode()
             await _respond(tls, http, status, body, "application/json")
             return
+        if _header(request, b"tunneld-check"):
+            # `tunneld doctor`: this token would be accepted; no session is opened.
+            body = json.dumps({"ok": True, "hostnames": list(hostnames)}).encode()
+            await _respond(tls, http, 200, body, "application/json")
+            return
         offered = _header(request, b"sec-websocket-protocol")
         key = _header(request, b"sec-websocket-key")
         if self.cfg.raw_transport and key and RAW_SUBPROTOCOL in _tokens(offered):
@@ -580,7 +609,12 @@ class Relay:
                     access=True,  # BAN frames' access rules are enforced here
                 )
             )
-        except (ProtocolError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
+        except (
+            ProtocolError,
+            trio.TooSlowError,
+            trio_websocket.ConnectionClosed,
+            ChannelClosed,  # gone after the upgrade (`tunneld doctor` closes at once)
+        ) as exc:
             log.warning(
                 "session from %s failed its handshake: %s", ip, str(exc) or type(exc).__name__
             )
@@ -642,6 +676,42 @@ class Relay:
                 mux.close("no traffic from the home (liveness)")
                 return
 
+    # -- [relay.acme]: the relay's own certificate ---------------------------------
+    def _own_acme(self) -> AcmeManager:
+        from tunneld.acmeclient import AcmeManager, AcmeSettings
+
+        certs, acme = self.own_certs, self.config.relay_acme
+        assert certs is not None
+        return AcmeManager(
+            acme,
+            certs,
+            (self.cfg.hostname,),
+            AcmeSettings.from_section(acme, acme.state_directory, acme.challenge),
+            publish_http=certs.set_http_challenges,
+        )
+
+    async def _answer_acme(self, tcp: trio.SocketStream, hello: bytes, parsed: ClientHello) -> None:
+        """A TLS-ALPN-01 validation of the relay's own name: the challenge handshake, closed."""
+        assert self.own_certs is not None
+        context = self.own_certs.challenge_context(parsed)
+        if context is None:
+            await aclose_quietly(tcp)
+            return
+        tls = TLSStream(raw_stream(tcp), context, server_side=True, prefix=hello)
+        try:
+            with trio.fail_after(self.cfg.client_hello_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, *STREAM_ERRORS):
+            pass
+        await aclose_quietly(tls)
+
+    def _http01(self, target: str) -> bytes | None:
+        """The HTTP-01 key authorization for `target`, when an order is pending."""
+        if self.own_certs is None:
+            return None
+        answer = self.own_certs.http_answer(target)
+        return answer.encode("ascii") if answer is not None else None
+
     # -- plain HTTP: redirect to https -------------------------------------------
     async def _handle_http(self, tcp: trio.SocketStream) -> None:
         try:
@@ -652,7 +722,10 @@ class Relay:
                 if name.lower() == b"host":
                     host = value.decode("ascii", "replace").split(":", 1)[0]
             target = request.target.decode("ascii", "replace")
-            if not host or not target.startswith("/"):
+            answer = self._http01(target)
+            if answer is not None:
+                await _respond(tcp, http, 200, answer, "application/octet-stream")
+            elif not host or not target.startswith("/"):
                 await _respond(tcp, http, 400, b"bad request\n", "text/plain")
             else:
                 location = f"https://{host}{target}"
@@ -713,7 +786,10 @@ class Relay:
             "hostnames": sorted(
                 {h for s in self.registry.sessions if not s.replaced for h in s.hostnames}
             ),
-            "certificate": certificate_status(self.certificate, time.time()),
+            "certificate": {
+                **certificate_status(self.certificate, time.time()),
+                **({"renewal": self.own_certs.renewal_status()} if self.own_certs else {}),
+            },
             "metrics_listen": self.metrics_listening,
             "config": self.settings.status(),
             "warnings": self.settings.warnings(),
@@ -765,6 +841,8 @@ async def _respond(
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
         ("Server", f"tunneld-relay/{__version__}"),
+        # `tunneld doctor` compares the home's clock with this one.
+        ("Date", email.utils.formatdate(usegmt=True)),
         *(extra or []),
     ]
     out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
@@ -772,6 +850,16 @@ async def _respond(
     out += conn.send(h11.EndOfMessage()) or b""
     with trio.fail_after(10):
         await stream.send_all(out)
+
+
+def _load_own(certs: RelayCertificates, config: RelayConfig) -> LoadedRelayCertificate:
+    try:
+        return certs.load()
+    except (OSError, ssl.SSLError, ValueError, KeyFileError) as exc:
+        raise ConfigError(
+            f"{config.path}: [relay] certificate / private_key: cannot load or create "
+            f"{certs.cert_path} / {certs.key_path} for [relay.acme]: {exc}"
+        ) from None
 
 
 async def run_relay(config: RelayConfig) -> int:

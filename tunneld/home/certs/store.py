@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from tunneld.acmeclient import ACME_TLS_ALPN, RenewalStatus
 from tunneld.config import LETSENCRYPT_TERMS, HomeConfig
 from tunneld.errors import ConfigError, KeyFileError
 from tunneld.pki import (
@@ -37,8 +38,6 @@ from tunneld.pki import (
 from tunneld.wire.clienthello import ClientHello
 
 log = logging.getLogger("tunneld.certs")
-
-ACME_TLS_ALPN = "acme-tls/1"
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -98,19 +97,6 @@ class LoadedCertificate:
     info: CertificateInfo
     self_signed: bool
     key_kind: str | None
-
-
-@dataclass(frozen=True)
-class RenewalStatus:
-    """What the ACME manager last did; shown in status."""
-
-    state: str = "idle"  # "idle", "ordering", "failing", "disabled"
-    reason: str | None = None  # why an order is (or was last) needed
-    last_error: str | None = None
-    failures: int = 0  # consecutive failed attempts
-    last_attempt: float | None = None
-    last_success: float | None = None
-    next_check: float | None = None
 
 
 class CertificateStore:
