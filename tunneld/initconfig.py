@@ -347,7 +347,11 @@ def _render(
                     out.append(f"{key} = {_value(value)}\n")
             continue
         out.append(f"\n[{table}]\n")
-        subtables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        # A dict is a sub-table ([relay.acme]) when it has comments of its own; otherwise an
+        # inline-table value ([access] hostnames = {...}).
+        subtables = {
+            k: v for k, v in values.items() if isinstance(v, dict) and f"{table}.{k}" in comments
+        }
         for key, value in values.items():
             if key in subtables:
                 continue  # after this table's keys, as [table.key]
