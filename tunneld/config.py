@@ -264,6 +264,8 @@ class RelaySection:
     data_connections: int = 8  # idle data connections kept per home session; 0 = none
     connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
     metrics_listen: Listen | None = None  # Prometheus /metrics over TCP; None = off
+    # Peers (load balancers) whose PROXY v1/v2 header names the client's address.
+    proxy_protocol: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1011,6 +1013,7 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "metrics_listen": _optional_listen,
             "raw_transport": _boolean,
             "data_connections": _integer(0, 1024),
+            "proxy_protocol": _string_list(_network, 'CIDR strings like "10.0.0.0/8"'),
         },
     )
     _check_windows(ctx, "relay", values, RelaySection)

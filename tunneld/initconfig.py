@@ -290,6 +290,11 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             " a client's bytes then cross the relay in the kernel, not inside the session"
             " (PROTOCOL.md section 11)."
         ),
+        "proxy_protocol": (
+            'Load balancers in front of the relay, as CIDRs (e.g. ["10.0.0.0/8"]): a PROXY v1/v2'
+            " header from these peers names the client's address (bans and limits use it); a"
+            " header from any other peer is refused. [] = no PROXY headers."
+        ),
     },
     "relay.acme": {
         "enabled": (

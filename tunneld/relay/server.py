@@ -36,6 +36,7 @@ from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, ser
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
 from tunneld.relay.datapool import REFILL_INTERVAL, DataPool
+from tunneld.relay.proxied import read_proxy_header, trusted_proxy
 from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
 from tunneld.relay.reload import certificate_status, reload_relay
@@ -76,6 +77,7 @@ from tunneld.wire.clienthello import (
 )
 from tunneld.wire.dataconn import LINE_SIZE, Preamble, is_data_start, parse_preamble
 from tunneld.wire.mux import Role
+from tunneld.wire.proxyheader import starts_like_proxy
 
 if TYPE_CHECKING:  # imported when [relay.acme] is on: the ACME client costs ~8 MB
     from tunneld.acmeclient import AcmeManager
@@ -270,6 +272,17 @@ class Relay:
         peer = tcp.socket.getpeername()
         ip, port = normalize_ip(peer[0]), int(peer[1])
         self.stats.connections_total += 1
+        first = b""
+        if self.cfg.proxy_protocol and trusted_proxy(ip, self.cfg.proxy_protocol):
+            # A load balancer: the client is the address its PROXY header names, and
+            # every check below (rate, limits, bans, access) applies to that address.
+            named = await read_proxy_header(tcp, ip, self.cfg.client_hello_timeout)
+            if named is None:
+                self.stats.refused["proxy_header"] += 1
+                abort_socket(tcp)
+                await aclose_quietly(tcp)
+                return
+            ip, port, first = named
         home = self.registry.is_home(ip)  # its data connections are not a client's flood
         if not home and not self._rate.allow(ip):
             # Counted, logged at debug only: a flood must not flood the journal too.
@@ -287,7 +300,7 @@ class Relay:
             return
         self._per_ip[ip] += 1
         try:
-            await self._route(tcp, ip, port)
+            await self._route(tcp, ip, port, first)
         except Exception as exc:  # one client must never take the relay down
             log.error("connection from %s failed: %r", ip, exc)
             log.debug("connection failure", exc_info=True)
@@ -298,16 +311,38 @@ class Relay:
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
-    async def _route(self, tcp: trio.SocketStream, ip: str, port: int) -> None:
+    async def route_forwarded(
+        self, tcp: trio.SocketStream, ip: str, port: int, first: bytes
+    ) -> None:
+        """A client another relay of the fleet forwarded (relay/forwarding.py): routed to
+        a session held here, never forwarded again."""
+        await self._route(tcp, ip, port, first, forwarded=True)
+
+    async def _route(
+        self,
+        tcp: trio.SocketStream,
+        ip: str,
+        port: int,
+        first: bytes = b"",
+        forwarded: bool = False,
+    ) -> None:
         buf = bytearray()
         hello: ClientHello | None = None
         with trio.move_on_after(self.cfg.client_hello_timeout):
             try:
                 while hello is None:
-                    data = await tcp.receive_some(16384)
+                    data = first or await tcp.receive_some(16384)
+                    first = b""
                     if not data:
                         break
                     buf += data
+                    if starts_like_proxy(buf):
+                        # From a peer not in [relay] proxy_protocol (or a second header).
+                        self.stats.refused["proxy_untrusted"] += 1
+                        log.info("refused %s: PROXY header from an untrusted peer", ip)
+                        abort_socket(tcp)
+                        await aclose_quietly(tcp)
+                        return
                     if is_data_start(buf):
                         break
                     result = parse_client_hello(buf)
