@@ -11,6 +11,7 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v pebble >/dev/null || need_apt+=(pebble)  # ACME test server + pebble-challtestsrv
 command -v faketime >/dev/null || need_apt+=(faketime)  # `tunneld doctor` clock-skew test
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)  # verifies systemd/*.service
+command -v redis-server >/dev/null || need_apt+=(redis-server)  # the fleet's registry (tests start their own)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

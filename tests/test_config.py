@@ -18,6 +18,7 @@ from tunneld.config import (
     AcmeSection,
     CtSection,
     DaemonSection,
+    FleetSection,
     HomeConfig,
     HomeRelaySection,
     LanSection,
@@ -34,6 +35,7 @@ from tunneld.config import (
     masked,
     parse_duration,
     parse_listen,
+    redact_url,
 )
 from tunneld.errors import ConfigError
 
@@ -137,7 +139,7 @@ def test_home_example_loads_with_documented_defaults() -> None:
 @pytest.mark.parametrize(
     ("file", "classes"),
     [
-        ("relay.toml", {"relay": RelaySection}),
+        ("relay.toml", {"relay": RelaySection, "fleet": FleetSection}),
         (
             "tunneld.toml",
             {
@@ -587,3 +589,62 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(text)
+
+
+# --- [relay] proxy_protocol and [fleet] (issue 18) -----------------------------
+
+
+def test_fleet_is_off_by_default_and_the_example_says_so() -> None:
+    config = load_config(CONF / "relay.toml")
+    assert isinstance(config, RelayConfig)
+    assert config.fleet == FleetSection() and not config.fleet.enabled
+    assert config.relay.proxy_protocol == ()
+
+
+def test_fleet_and_proxy_protocol_load(tmp_path: Path) -> None:
+    text = (
+        RELAY_MIN
+        + 'proxy_protocol = ["10.0.0.0/8", "fd00::/8"]\n'
+        + (
+            '[fleet]\nredis_url = "redis://10.0.0.5:6379/0"\nnode_id = "relay-a"\n'
+            'advertise = "10.0.0.11:8443"\nlease_ttl = "5s"\n'
+        )
+    )
+    config = load_config(write(tmp_path, text))
+    assert isinstance(config, RelayConfig)
+    assert [str(n) for n in config.relay.proxy_protocol] == ["10.0.0.0/8", "fd00::/8"]
+    assert config.fleet == FleetSection("redis://10.0.0.5:6379/0", "relay-a", "10.0.0.11:8443", 5)
+    assert config.fleet.enabled
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "message"),
+    [
+        ("relay", 'proxy_protocol = ["10.0.0.1/8"]', "[relay] proxy_protocol: "),
+        ("relay", 'proxy_protocol = "10.0.0.0/8"', "[relay] proxy_protocol: expected a list"),
+        ("fleet", 'redis_url = "http://x:6379"', '[fleet] redis_url: expected "redis://'),
+        ("fleet", 'redis_url = "redis://:6379"', "[fleet] redis_url: expected a host"),
+        ("fleet", 'redis_url = "redis://h:99999"', "[fleet] redis_url: the URL's port"),
+        ("fleet", 'node_id = "a b"', "[fleet] node_id: expected up to 63 letters"),
+        ("fleet", 'advertise = "nowhere"', "[fleet] advertise: "),
+        ("fleet", 'lease_ttl = "500ms"', "[fleet] lease_ttl: must be at least 1s"),
+        ("fleet", "leas_ttl = 3", '[fleet] leas_ttl: unknown key (did you mean "lease_ttl"?)'),
+        ("fleet", 'secret_file = "fleet.key"', "[fleet] forward_listen: needed for forwarding"),
+        ("fleet", 'forward_listen = "10.0.0.1:8443"', "[fleet] secret_file: needed for"),
+    ],
+)
+def test_fleet_and_proxy_protocol_errors_name_the_key(
+    tmp_path: Path, table: str, line: str, message: str
+) -> None:
+    text = RELAY_MIN + line + "\n" if table == "relay" else RELAY_MIN + f"[fleet]\n{line}\n"
+    assert message in error_of(write(tmp_path, text))
+
+
+def test_the_redis_password_never_shows(tmp_path: Path) -> None:
+    url = "redis://tunneld:s3cret-pass@10.0.0.5:6379/0"
+    config = load_config(write(tmp_path, RELAY_MIN + f'[fleet]\nredis_url = "{url}"\n'))
+    assert "s3cret-pass" not in repr(config)
+    shown = masked(config)["fleet"]["redis_url"]
+    assert shown == "redis://***@10.0.0.5:6379/0"
+    assert redact_url("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+    assert redact_url("rediss://:pw@[fd00::5]:6380/1") == "rediss://***@[fd00::5]:6380/1"

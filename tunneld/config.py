@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -33,6 +33,7 @@ __all__ = [
     "AcmeSection",
     "CtSection",
     "DaemonSection",
+    "FleetSection",
     "HomeConfig",
     "HomeRelaySection",
     "IPNetwork",
@@ -54,6 +55,7 @@ __all__ = [
     "normalize_hostname",
     "parse_duration",
     "parse_listen",
+    "redact_url",
     "split_connect_to",
     "domain_allows",
 ]
@@ -264,6 +266,8 @@ class RelaySection:
     data_connections: int = 8  # idle data connections kept per home session; 0 = none
     connections_per_ip_per_second: int = 20  # new connections per client IP (0 = unlimited)
     metrics_listen: Listen | None = None  # Prometheus /metrics over TCP; None = off
+    # Peers (load balancers) whose PROXY v1/v2 header names the client's address.
+    proxy_protocol: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,10 +328,34 @@ class RelayAcmeSection(AcmeSection):
 
 
 @dataclass(frozen=True)
+class FleetSection:
+    """`[fleet]`: relays sharing a registry on Redis (issue 18; README "Fleet").
+    Off (a single relay, as always) while redis_url is empty."""
+
+    redis_url: str = field(default="", repr=False)  # may carry a password
+    node_id: str = ""  # "" = this machine's host name
+    advertise: str = ""  # "host:port" where other relays reach this one
+    lease_ttl: float = 15.0
+    # Relay-to-relay forwarding (PROTOCOL.md 13): its listener and the fleet's shared
+    # secret; both set (with advertise) or neither (no forwarding).
+    forward_listen: Listen | None = None
+    secret_file: Path | None = None
+
+    @property
+    def forwarding(self) -> bool:
+        return self.enabled and self.secret_file is not None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     path: Path
     relay: RelaySection
     relay_acme: RelayAcmeSection = field(default_factory=RelayAcmeSection)  # [relay.acme]
+    fleet: FleetSection = field(default_factory=FleetSection)
 
 
 @dataclass(frozen=True)
@@ -969,7 +997,7 @@ def load_relay_config(path: str | Path) -> RelayConfig:
 
 
 def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
-    _check_tables(ctx, data, ["relay"])
+    _check_tables(ctx, data, ["relay", "fleet"])
     if "relay" not in data:
         raise ConfigError(f"{ctx.label}: [relay]: missing; this table is required")
     path = _path(ctx.base, optional=False)
@@ -1011,6 +1039,7 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "metrics_listen": _optional_listen,
             "raw_transport": _boolean,
             "data_connections": _integer(0, 1024),
+            "proxy_protocol": _string_list(_network, 'CIDR strings like "10.0.0.0/8"'),
         },
     )
     _check_windows(ctx, "relay", values, RelaySection)
@@ -1021,7 +1050,86 @@ def _build_relay(ctx: _Ctx, data: Mapping[str, object]) -> RelayConfig:
             "challenge",
             '"http-01" needs [relay] http_listen (port 80, e.g. ["0.0.0.0:80"])',
         )
-    return RelayConfig(path=Path(ctx.label).absolute(), relay=relay, relay_acme=acme)
+    fleet = _fleet(ctx, _table(ctx, data, "fleet"))
+    return RelayConfig(path=Path(ctx.label).absolute(), relay=relay, relay_acme=acme, fleet=fleet)
+
+
+def _redis_url(value: object) -> str:
+    text = _string(value).strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(
+            'expected "redis://host:port/db", "rediss://…" (TLS) or "unix:///path", '
+            f"got a URL with scheme {json.dumps(parts.scheme)}"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise _Invalid("expected a host in the URL, e.g. redis://10.0.0.5:6379/0")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise _Invalid("the URL's port is not a number from 0 to 65535") from None
+    return text
+
+
+def _node_id(value: object) -> str:
+    text = _string(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise _Invalid(
+            "expected up to 63 letters, digits, '.', '_' or '-' (a host name, say), "
+            f"got {json.dumps(text)}"
+        )
+    return text
+
+
+def _advertise(value: object) -> str:
+    text = _string(value).strip()
+    if text:
+        try:
+            parse_listen(text)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+    return text
+
+
+def _fleet(ctx: _Ctx, raw: Mapping[str, object]) -> FleetSection:
+    values = _section(
+        ctx,
+        "fleet",
+        raw,
+        FleetSection,
+        {
+            "redis_url": _redis_url,
+            "node_id": _node_id,
+            "advertise": _advertise,
+            "lease_ttl": _duration(),
+            "forward_listen": _optional_listen,
+            "secret_file": _path(ctx.base, optional=True),
+        },
+    )
+    fleet = FleetSection(**values)
+    if fleet.secret_file is not None or fleet.forward_listen is not None:
+        for key in ("secret_file", "forward_listen", "advertise"):
+            if not getattr(fleet, key):
+                raise ctx.error(
+                    "fleet", key, "needed for forwarding (with secret_file and forward_listen)"
+                )
+    if fleet.lease_ttl < 1.0:
+        raise ctx.error("fleet", "lease_ttl", f"must be at least 1s, got {raw['lease_ttl']}")
+    return fleet
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL with its password (and user) replaced by ***, for status and logs."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{SECRET_MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _relay_acme(ctx: _Ctx, raw: object) -> RelayAcmeSection:
@@ -1479,7 +1587,7 @@ def _home_token(ctx: _Ctx, raw: Mapping[str, object], token_file: object) -> str
 # masked(): the effective config for `check-config`, secrets hidden
 # ---------------------------------------------------------------------------
 
-_LISTEN_KEYS = {"listen", "http_listen", "metrics_listen"}
+_LISTEN_KEYS = {"listen", "http_listen", "metrics_listen", "forward_listen"}
 
 
 def _masked_section(section: Any) -> dict[str, Any]:
@@ -1527,6 +1635,9 @@ def masked(config: HomeConfig | RelayConfig) -> dict[str, Any]:
             if not sf.init:
                 continue  # derived (upstream host/port/scheme)
             value = getattr(section, sf.name)
+            if isinstance(section, FleetSection) and sf.name == "redis_url":
+                table["redis_url"] = redact_url(value)
+                continue
             if isinstance(section, HomeRelaySection) and sf.name == "token":
                 if section.token_file is None:
                     table["token"] = SECRET_MASK

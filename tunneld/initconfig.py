@@ -290,6 +290,11 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             " a client's bytes then cross the relay in the kernel, not inside the session"
             " (PROTOCOL.md section 11)."
         ),
+        "proxy_protocol": (
+            'Load balancers in front of the relay, as CIDRs (e.g. ["10.0.0.0/8"]): a PROXY v1/v2'
+            " header from these peers names the client's address (bans and limits use it); a"
+            " header from any other peer is refused. [] = no PROXY headers."
+        ),
     },
     "relay.acme": {
         "enabled": (
@@ -319,6 +324,28 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             "must then be reachable on port 80)."
         ),
         "state_directory": "Where the ACME account key (and, by default, the certificate) live.",
+    },
+    "fleet": {
+        "redis_url": (
+            'Redis shared by a fleet of relays (README "Fleet"), e.g. "redis://10.0.0.5:6379/0" or'
+            ' "rediss://…" for TLS; "" = a single relay, no Redis.'
+        ),
+        "node_id": "This relay's name in the fleet, unique; \"\" = the machine's host name.",
+        "advertise": (
+            'Where the other relays reach this one, "host:port" (relay-to-relay forwarding).'
+        ),
+        "lease_ttl": (
+            "A relay renews its claims on hostnames within this; a dead relay's claims end"
+            " after it."
+        ),
+        "forward_listen": (
+            'The relay-to-relay listener, e.g. "10.0.0.11:8443"; "" = no forwarding (then'
+            " a client reaches a home only through the relay holding its session)."
+        ),
+        "secret_file": (
+            "The fleet's shared secret for forwarding: 64 hex digits (`openssl rand -hex 32`),"
+            ' the same file on every relay, mode 0600; "" = no forwarding.'
+        ),
     },
 }
 

@@ -123,6 +123,7 @@ class World:
     tunnel_port: int = 0  # where the daemon dials, when not the relay itself (fault proxy)
     fault_control_port: int = 0  # the fault proxy's command port
     relay_overrides: dict[str, Any] = field(default_factory=dict)
+    relay_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # [fleet], say
     home_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,7 +178,7 @@ class World:
             **self.relay_overrides,
             **overrides,
         }
-        self.relay_config.write_text(tomli_w.dumps({"relay": relay}))
+        self.relay_config.write_text(tomli_w.dumps({"relay": relay, **self.relay_tables}))
 
     def start_relay(self, port: int = 0, **overrides: Any) -> Proc:
         self.write_relay_config(port, **overrides)

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tunneld.access import AccessPolicy
@@ -76,6 +77,17 @@ class HomeSession:
         log.info("session %s: ban list now holds %d address(es)", self.session_id, len(self.bans))
 
 
+def banned(bans: Mapping[str, float | None], ip: str, now: float) -> bool:
+    """The rule of HomeSession.is_banned for a copy of a ban list (a fleet's): `ip`'s
+    entry, or for IPv6 its /64's, with no expiry or one still ahead."""
+    for key in (ip, _net64(ip)) if ":" in ip else (ip,):
+        if key in bans:
+            until = bans[key]
+            if until is None or until > now:
+                return True
+    return False
+
+
 def _net64(ip: str) -> str:
     # A ban on an IPv6 address with a zero interface id covers its /64.
     return str(ipaddress.IPv6Network(f"{ip}/64", strict=False).network_address)
@@ -105,7 +117,6 @@ class Registry:
         self.sessions.append(session)
         self._homes[session.peer] += 1
         for old in displaced:
-            old.replaced = True
             log.warning(
                 "session %s (%s) replaced by another session %s for %s",
                 old.session_id,
@@ -113,10 +124,20 @@ class Registry:
                 session.session_id,
                 ", ".join(session.hostnames),
             )
-            try:
-                old.mux.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
-            except Exception:  # noqa: BLE001 - the old session may be closing already
-                pass
+            self.displace(old)
+
+    def displace(self, old: HomeSession, hostname: str | None = None) -> None:
+        """A newer session holds `hostname` (here or, in a fleet, on another relay):
+        new clients no longer reach `old` for it, and `old` gets GOAWAY and drains."""
+        if hostname is not None and self._by_host.get(hostname) is old:
+            del self._by_host[hostname]
+        if old.replaced:
+            return
+        old.replaced = True
+        try:
+            old.mux.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
+        except Exception:  # noqa: BLE001 - the old session may be closing already
+            pass
 
     def unregister(self, session: HomeSession) -> None:
         for host in session.hostnames:

@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from tunneld.checks import relay_tls
-from tunneld.config import RelayAcmeSection
+from tunneld.config import FleetSection, RelayAcmeSection
 from tunneld.errors import ConfigError, KeyFileError
 from tunneld.pki import CertificateInfo
 from tunneld.reload import (
@@ -43,6 +43,8 @@ RESTART_ONLY = (
     ("relay", "metrics_listen"),
     # [relay.acme]: the manager and the certificate store are made at start.
     *(("relay_acme", f.name) for f in dataclasses.fields(RelayAcmeSection) if f.init),
+    # [fleet]: the Redis client and this node's claims are made at start.
+    *(("fleet", f.name) for f in dataclasses.fields(FleetSection) if f.init),
 )
 
 
@@ -81,6 +83,8 @@ async def reload_relay(relay: Relay) -> bool:
         relay.set_tls(context, info)
         relay.set_public_keys(keys)
         relay.set_connection_rate(cfg.connections_per_ip_per_second)
+        if relay.fleet is not None:
+            relay.fleet.revoke(tuple(newly_revoked))  # to every relay of the fleet
         for session in list(relay.registry.sessions):
             if session.token_id in newly_revoked:
                 log.warning(

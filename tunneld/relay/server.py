@@ -36,6 +36,7 @@ from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, ser
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
 from tunneld.relay.datapool import REFILL_INTERVAL, DataPool
+from tunneld.relay.proxied import read_proxy_header, trusted_proxy
 from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
 from tunneld.relay.reload import certificate_status, reload_relay
@@ -76,10 +77,12 @@ from tunneld.wire.clienthello import (
 )
 from tunneld.wire.dataconn import LINE_SIZE, Preamble, is_data_start, parse_preamble
 from tunneld.wire.mux import Role
+from tunneld.wire.proxyheader import starts_like_proxy
 
 if TYPE_CHECKING:  # imported when [relay.acme] is on: the ACME client costs ~8 MB
     from tunneld.acmeclient import AcmeManager
     from tunneld.relay.certs import LoadedRelayCertificate, RelayCertificates
+    from tunneld.relay.fleet import Fleet
 
 log = logging.getLogger("tunneld.relay")
 
@@ -143,6 +146,17 @@ class Relay:
         self.metrics = make_registry(RelayCollector(self.status))
         self.metrics_listening: list[str] = []
         self._tickets: dict[bytes, DataPool] = {}  # DIAL tickets not yet presented
+        # [fleet]: the registry shared with other relays on Redis (relay/fleet.py).
+        self.fleet: Fleet | None = None
+        if config.fleet.enabled:
+            from tunneld.relay.fleet import Fleet
+
+            self.fleet = Fleet(
+                config.fleet,
+                self.registry,
+                lambda: self.cfg.revoked_tokens,
+                label=str(config.path),
+            )
 
     @property
     def config(self) -> RelayConfig:
@@ -167,7 +181,9 @@ class Relay:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _open_listeners(self, key: str, host: str, port: int) -> list[trio.SocketListener]:
+    async def _open_listeners(
+        self, key: str, host: str, port: int, table: str = "relay"
+    ) -> list[trio.SocketListener]:
         """TCP listeners for one `[relay] listen` / `http_listen` entry; a refusal (the port
         taken, an address this host does not have, a privileged port) is a ConfigError
         naming the address and the key."""
@@ -175,7 +191,7 @@ class Relay:
             return await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             raise ConfigError(
-                f"{self.config.path}: [relay] {key}: cannot listen on "
+                f"{self.config.path}: [{table}] {key}: cannot listen on "
                 f"{format_listen((host, port))}: {exc.strerror or exc}"
             ) from None
 
@@ -216,6 +232,19 @@ class Relay:
                                     self._handle_client,
                                     listeners,
                                 )
+                            fleet = self.config.fleet
+                            if self.fleet is not None and fleet.forward_listen is not None:
+                                from tunneld.relay.forwarding import serve_forwarded
+
+                                host, port = fleet.forward_listen
+                                listeners = await self._open_listeners(
+                                    "forward_listen", host, port, "fleet"
+                                )
+                                await lst.start(
+                                    partial(trio.serve_listeners, handler_nursery=conns),
+                                    partial(serve_forwarded, self),
+                                    listeners,
+                                )
                             for host, port in self.cfg.http_listen:
                                 listeners = await self._open_listeners("http_listen", host, port)
                                 # Connections live in `conns`, so closing the
@@ -237,6 +266,8 @@ class Relay:
                     __version__,
                 )
                 root.start_soon(run_watchdog)
+                if self.fleet is not None:
+                    await root.start(self.fleet.run)
                 if self.own_certs is not None and self.own_certs.acme_enabled:
                     root.start_soon(self._own_acme().run)
                 notify("READY=1", f"STATUS=listening on {len(self.listening)} address(es)")
@@ -270,6 +301,17 @@ class Relay:
         peer = tcp.socket.getpeername()
         ip, port = normalize_ip(peer[0]), int(peer[1])
         self.stats.connections_total += 1
+        first = b""
+        if self.cfg.proxy_protocol and trusted_proxy(ip, self.cfg.proxy_protocol):
+            # A load balancer: the client is the address its PROXY header names, and
+            # every check below (rate, limits, bans, access) applies to that address.
+            named = await read_proxy_header(tcp, ip, self.cfg.client_hello_timeout)
+            if named is None:
+                self.stats.refused["proxy_header"] += 1
+                abort_socket(tcp)
+                await aclose_quietly(tcp)
+                return
+            ip, port, first = named
         home = self.registry.is_home(ip)  # its data connections are not a client's flood
         if not home and not self._rate.allow(ip):
             # Counted, logged at debug only: a flood must not flood the journal too.
@@ -287,7 +329,7 @@ class Relay:
             return
         self._per_ip[ip] += 1
         try:
-            await self._route(tcp, ip, port)
+            await self._route(tcp, ip, port, first)
         except Exception as exc:  # one client must never take the relay down
             log.error("connection from %s failed: %r", ip, exc)
             log.debug("connection failure", exc_info=True)
@@ -298,16 +340,38 @@ class Relay:
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
-    async def _route(self, tcp: trio.SocketStream, ip: str, port: int) -> None:
+    async def route_forwarded(
+        self, tcp: trio.SocketStream, ip: str, port: int, first: bytes
+    ) -> None:
+        """A client another relay of the fleet forwarded (relay/forwarding.py): routed to
+        a session held here, never forwarded again."""
+        await self._route(tcp, ip, port, first, forwarded=True)
+
+    async def _route(
+        self,
+        tcp: trio.SocketStream,
+        ip: str,
+        port: int,
+        first: bytes = b"",
+        forwarded: bool = False,
+    ) -> None:
         buf = bytearray()
         hello: ClientHello | None = None
         with trio.move_on_after(self.cfg.client_hello_timeout):
             try:
                 while hello is None:
-                    data = await tcp.receive_some(16384)
+                    data = first or await tcp.receive_some(16384)
+                    first = b""
                     if not data:
                         break
                     buf += data
+                    if starts_like_proxy(buf):
+                        # From a peer not in [relay] proxy_protocol (or a second header).
+                        self.stats.refused["proxy_untrusted"] += 1
+                        log.info("refused %s: PROXY header from an untrusted peer", ip)
+                        abort_socket(tcp)
+                        await aclose_quietly(tcp)
+                        return
                     if is_data_start(buf):
                         break
                     result = parse_client_hello(buf)
@@ -318,7 +382,7 @@ class Relay:
                         break
             except STREAM_ERRORS:
                 pass
-        if hello is None and is_data_start(buf):
+        if hello is None and is_data_start(buf) and not forwarded:
             await self._serve_data(tcp, buf, ip)
             return
         if hello is None:
@@ -333,6 +397,11 @@ class Relay:
             await self._serve_own(tcp, bytes(buf), ip)
             return
         session = self.registry.lookup(sni) if sni else None
+        if session is None and sni and not forwarded and self.fleet and self.fleet.secret:
+            from tunneld.relay.forwarding import forward_client
+
+            if await forward_client(self, tcp, bytes(buf), ip, port, sni):
+                return  # spliced to the relay of the fleet that holds `sni`
         if session is None:
             self.stats.refused["unknown_name"] += 1
             log.info("refused %s: no session for %s", ip, sni or "(no SNI)")
@@ -491,9 +560,10 @@ class Relay:
         auth = headers.get("authorization", "")
         if not auth.lower().startswith("bearer "):
             raise TokenError("bad_token", "no bearer token in the Authorization header")
-        claims = verify_token(
-            auth[7:].strip(), self._public_keys, revoked=set(self.cfg.revoked_tokens)
-        )
+        revoked = set(self.cfg.revoked_tokens)
+        if self.fleet is not None:
+            revoked |= self.fleet.revoked
+        claims = verify_token(auth[7:].strip(), self._public_keys, revoked=revoked)
         requested = (
             tuple(
                 normalize_hostname(h.strip())
@@ -586,6 +656,8 @@ class Relay:
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.Ban) and home is not None:
                 home.apply_bans(event)
+                if self.fleet is not None:
+                    self.fleet.bans_changed(home)
             elif isinstance(event, ev.GoAway):
                 log.info("session %s going away: %s", session_id, event.reason or event.code)
                 if home is not None:
@@ -642,6 +714,8 @@ class Relay:
                 self.cfg.data_connections, first.data_connections, dial, self._tickets
             )
         self.registry.register(home)
+        if self.fleet is not None:
+            self.fleet.session_started(home)
         log.info(
             "session %s connected from %s: %s for %s (tunneld %s)",
             session_id,
@@ -662,6 +736,8 @@ class Relay:
                 log.warning("session %s closed: %s", session_id, mux.close_reason)
         finally:
             self.registry.unregister(home)
+            if self.fleet is not None:
+                self.fleet.session_ended(home)
             if home.data is not None:
                 home.data.close()
             log.info("session %s ended (%s)", session_id, mux.close_reason or "closed")
@@ -791,6 +867,7 @@ class Relay:
                 **({"renewal": self.own_certs.renewal_status()} if self.own_certs else {}),
             },
             "metrics_listen": self.metrics_listening,
+            "fleet": None if self.fleet is None else self.fleet.status(),
             "config": self.settings.status(),
             "warnings": self.settings.warnings(),
             "version": __version__,
