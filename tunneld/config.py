@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from tunneld.errors import ConfigError
+from tunneld.hostnames import hostname_key, normalize_hostname
 
 __all__ = [
     "AccessHostSection",
@@ -189,30 +190,6 @@ def format_listen(listen: Listen) -> str:
     """Inverse of `parse_listen`: IPv6 hosts get brackets."""
     host, port = listen
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
-def normalize_hostname(text: str) -> str:
-    """Lower-case, no trailing dot, IDNA-encoded; ValueError unless a valid DNS name."""
-    name = text.strip().lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError(f"not a valid DNS name: {json.dumps(text)}") from None
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"an IP address is not a hostname (SNI needs a name): {json.dumps(text)}")
-    if not name or len(name) > 253 or not all(_LABEL.fullmatch(p) for p in name.split(".")):
-        raise ValueError(f"not a valid DNS name: {json.dumps(text)}")
-    return name
 
 
 def _split_http_url(url: str) -> tuple[str, str, int]:
@@ -1388,7 +1365,7 @@ def _certificate_names(path: Path) -> tuple[str, ...] | None:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return ()
-    return tuple(n.lower().rstrip(".") for n in ext.value.get_values_for_type(x509.DNSName))
+    return tuple(hostname_key(n) for n in ext.value.get_values_for_type(x509.DNSName))
 
 
 def _covered(hostname: str, sans: tuple[str, ...]) -> bool:

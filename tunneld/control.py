@@ -46,6 +46,7 @@ from tunneld.errors import (
     ControlPermissionError,
     NotRunningError,
 )
+from tunneld.httpio import next_event, send_response
 
 __all__ = [
     "ControlRequest",
@@ -390,11 +391,7 @@ class _ServerConnection:
         )
 
     async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.conn.receive_data(await self.stream.receive_some(_RECV_SIZE))
+        return await next_event(self.stream, self.conn, _RECV_SIZE)
 
     async def _dispatch(self, req: ControlRequest) -> ControlResponse:
         try:
@@ -417,13 +414,10 @@ class _ServerConnection:
             reason = HTTPStatus(resp.status).phrase
         except ValueError:
             reason = ""
-        response = h11.Response(status_code=resp.status, headers=headers, reason=reason)
-        data = self.conn.send(response) or b""
-        if resp.body and not head:
-            data += self.conn.send(h11.Data(data=resp.body)) or b""
-        data += self.conn.send(h11.EndOfMessage()) or b""
         with trio.fail_after(self.idle_timeout):
-            await self.stream.send_all(data)
+            await send_response(
+                self.stream, self.conn, resp.status, headers, resp.body, head=head, reason=reason
+            )
 
     async def _drain(self) -> None:
         # Closing a unix socket with unread input resets the peer, which could lose the
@@ -517,10 +511,8 @@ async def _exchange(
         status = 0
         answer = bytearray()
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(_RECV_SIZE))
-            elif isinstance(event, h11.Response):
+            event = await next_event(stream, conn, _RECV_SIZE)
+            if isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
                 answer += event.data

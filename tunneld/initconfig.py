@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from tunneld.config import (
     parse_listen,
 )
 from tunneld.errors import ConfigError
+from tunneld.files import atomic_write
 
 __all__ = [
     "HOME_COMMENTS",
@@ -458,29 +457,24 @@ def write_config(path: Path, text: str, *, force: bool = False) -> HomeConfig | 
     directory = path.absolute().parent
     if not directory.is_dir():
         raise ConfigError(f"{path}: the folder {directory} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), FILE_MODE)  # holds the token: owner only
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    loaded: list[HomeConfig | RelayConfig] = []
+
+    def check(tmp: Path) -> None:
         try:
-            config = load_config(tmp)
+            loaded.append(load_config(tmp))
         except ConfigError as exc:
             # Name the file the user asked for, not the scratch file.
             raise ConfigError(str(exc).replace(str(tmp), str(path))) from None
-        if not force and path.exists():  # appeared meanwhile
-            raise ConfigError(f"{path}: already exists; use --force to overwrite it")
-        os.replace(tmp, path)
+
+    try:
+        # Mode 0600: the file holds the token. Without --force, a file that appeared
+        # meanwhile is not overwritten (exclusive).
+        atomic_write(path, text.encode("utf-8"), mode=FILE_MODE, exclusive=not force, check=check)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; use --force to overwrite it") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    config = loaded[0]
     return dataclasses.replace(config, path=path.absolute())
 
 

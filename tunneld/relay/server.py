@@ -7,7 +7,6 @@ import email.utils
 import json
 import logging
 import secrets
-import signal
 import socket
 import ssl
 import time
@@ -31,7 +30,9 @@ from tunneld.control import (
     Router,
     serve_control,
 )
-from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError, first_error
+from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError
+from tunneld.hostnames import hostname_key
+from tunneld.httpio import next_event, send_response
 from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
@@ -40,6 +41,7 @@ from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
 from tunneld.relay.reload import certificate_status, reload_relay
 from tunneld.reload import Settings
+from tunneld.signals import run_until_signalled
 from tunneld.systemd import notify, run_watchdog
 from tunneld.tokens import (
     Claims,
@@ -70,7 +72,6 @@ from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
 from tunneld.wire import events as ev
 from tunneld.wire.clienthello import (
     ClientHello,
-    normalize_hostname,
     parse_client_hello,
     unrecognized_name_alert,
 )
@@ -325,7 +326,7 @@ class Relay:
             self.stats.refused["client_hello"] += 1
             await aclose_quietly(tcp)
             return
-        sni = normalize_hostname(hello.sni) if hello.sni else None
+        sni = hello.sni  # normalized by the parser (tunneld.hostnames)
         if sni == self.cfg.hostname:
             if self.own_certs is not None and self.own_certs.is_challenge(hello):
                 await self._answer_acme(tcp, bytes(buf), hello)  # TLS-ALPN-01
@@ -496,7 +497,7 @@ class Relay:
         )
         requested = (
             tuple(
-                normalize_hostname(h.strip())
+                hostname_key(h)
                 for h in headers.get("tunneld-hostnames", "").split(",")
                 if h.strip()
             )
@@ -814,18 +815,16 @@ async def _read_request_head(
     """Read one HTTP request head; returns it and every raw byte read."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     raw = bytearray()
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Request):
-            return conn, event, bytes(raw)
-        if event is h11.NEED_DATA:
-            data = bytes(await stream.receive_some(MAX_REQUEST_HEAD))
-            if not data:
-                raise trio.BrokenResourceError("client closed before a request")
-            raw += data
-            conn.receive_data(data)
-            continue
+    event = await next_event(
+        stream,
+        conn,
+        MAX_REQUEST_HEAD,
+        raw=raw,
+        on_eof=lambda: trio.BrokenResourceError("client closed before a request"),
+    )
+    if not isinstance(event, h11.Request):
         raise h11.RemoteProtocolError("unexpected event before the request")
+    return conn, event, bytes(raw)
 
 
 async def _respond(
@@ -845,11 +844,8 @@ async def _respond(
         ("Date", email.utils.formatdate(usegmt=True)),
         *(extra or []),
     ]
-    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-    out += conn.send(h11.Data(data=body)) or b""
-    out += conn.send(h11.EndOfMessage()) or b""
     with trio.fail_after(10):
-        await stream.send_all(out)
+        await send_response(stream, conn, status, headers, body)
 
 
 def _load_own(certs: RelayCertificates, config: RelayConfig) -> LoadedRelayCertificate:
@@ -865,26 +861,13 @@ def _load_own(certs: RelayCertificates, config: RelayConfig) -> LoadedRelayCerti
 async def run_relay(config: RelayConfig) -> int:
     """The `tunneld relay` process: serve until SIGTERM/SIGINT, then drain."""
     relay = Relay(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("received SIGHUP: reloading %s", relay.config.path)
-                        await reload_relay(relay)
-                        continue
-                    log.info("received %s", signal.Signals(signum).name)
-                    relay.stop()
-                    return
-
-            nursery.start_soon(watch_signals)
-            try:
-                await relay.run()
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            nursery.cancel_scope.cancel()
-    return 0
+    return await run_until_signalled(
+        relay.run,
+        reload=lambda: reload_relay(relay),
+        stop=relay.stop,
+        config_path=lambda: relay.config.path,
+        log=log,
+    )
 
 
 _END = {True: "cleanly", False: "broken"}
