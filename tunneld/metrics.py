@@ -367,7 +367,7 @@ async def _serve_one(stream: trio.SocketStream, registry: CollectorRegistry) -> 
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
         pass
     except Exception as exc:  # one scrape must never take the process down
-        log.error("metrics request failed: %s: %s", type(exc).__name__, exc)
+        log.exception("metrics request failed: %r", exc)
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:

@@ -113,10 +113,7 @@ class Registry:
                 session.session_id,
                 ", ".join(session.hostnames),
             )
-            try:
-                old.mux.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
-            except Exception:  # noqa: BLE001 - the old session may be closing already
-                pass
+            old.mux.goaway(ev.ResetCode.REPLACED, "replaced by another session")
 
     def unregister(self, session: HomeSession) -> None:
         for host in session.hostnames:

@@ -249,10 +249,7 @@ class Relay:
                 listener_scope.cancel()
                 log.info("relay stopping: GOAWAY to %d session(s)", len(self.registry.sessions))
                 for session in list(self.registry.sessions):
-                    try:
-                        session.mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
-                    except Exception:  # noqa: BLE001
-                        pass
+                    session.mux.goaway(ev.ResetCode.SHUTDOWN, "relay shutting down")
                 with trio.move_on_after(self.cfg.drain_timeout):
                     for session in list(self.registry.sessions):
                         await session.mux.idle.wait()
@@ -289,9 +286,12 @@ class Relay:
         self._per_ip[ip] += 1
         try:
             await self._route(tcp, ip, port)
+        except STREAM_ERRORS as exc:  # the client's doing, not a bug: one line
+            log.warning("connection from %s failed: %r", ip, exc)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
         except Exception as exc:  # one client must never take the relay down
-            log.error("connection from %s failed: %r", ip, exc)
-            log.debug("connection failure", exc_info=True)
+            log.exception("connection from %s failed: %r", ip, exc)
             abort_socket(tcp)
             await aclose_quietly(tcp)
         finally:
@@ -623,7 +623,7 @@ class Relay:
                 await ws.aclose(1002, "handshake failed")
             return
         if self.state != "running":
-            mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
+            mux.goaway(ev.ResetCode.SHUTDOWN, "relay shutting down")
         home = HomeSession(
             mux=mux,
             session_id=session_id,

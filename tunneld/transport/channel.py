@@ -7,7 +7,7 @@ mux frames directly on the TLS stream, skipping WebSocket framing and the
 client-side masking that cost about half the CPU per byte (bench/RESULTS.md).
 A relay that does not select it gets ordinary binary WebSocket messages.
 
-A channel has the three methods the session needs: `get_message()`,
+A channel (`Channel`) has the three methods the session needs: `get_message()`,
 `send_message(data)` and `aclose()`; both end with `ChannelClosed`.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from typing import Protocol
 
 import h11
 import trio
@@ -41,6 +42,22 @@ class ChannelClosed(TunneldError):
 def websocket_accept(key: str) -> str:
     """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
     return generate_accept_token(key.encode("ascii")).decode("ascii")
+
+
+class Channel(Protocol):
+    """The seam between a `MuxSession` and its transport: whole messages both ways.
+
+    `RawChannel`, `WebSocketChannel` (the daemon's) and trio-websocket's
+    `WebSocketConnection` (the relay's) all fit. A text message (`str`) is a
+    protocol error the session answers; the end of the channel raises
+    `ChannelClosed` or trio-websocket's `ConnectionClosed`.
+    """
+
+    async def get_message(self) -> bytes | str: ...
+
+    async def send_message(self, message: bytes, /) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
 class RawChannel:
@@ -216,6 +233,7 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "RAW_SUBPROTOCOL",
+    "Channel",
     "ChannelClosed",
     "RawChannel",
     "WebSocketChannel",
