@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DEFAULT_HOME_CONFIG = "/etc/tunneld/tunneld.toml"
 
-# `tunneld status` exit codes (DESIGN.md contract), and 4: the control socket exists but
+# `tunneld status` exit codes (README contract), and 4: the control socket exists but
 # this user may not open it (README: "Reading status as another user").
 EXIT_CONNECTED, EXIT_NOT_CONNECTED, EXIT_NOT_RUNNING, EXIT_PERMISSION_DENIED = 0, 1, 3, 4
 EXIT_ERROR = 2
