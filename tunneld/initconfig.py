@@ -65,6 +65,21 @@ RELAY_HEADER = """\
 # After an edit: `tunneld check-config -c FILE`, then `systemctl reload tunneld-relay`.
 """
 
+# The keys [acme] (home) and [relay.acme] share, with the same meaning.
+_ACME_COMMENTS: dict[str, str] = {
+    "directory": "ACME directory URL.",
+    "email": 'Contact address for the ACME account; "" = none.',
+    "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
+    "renew_before": "Renew this long before the certificate expires.",
+    "key_type": 'Certificate key type: "ec256" or "rsa2048".',
+    "retry_initial": (
+        "First retry delay after a failed order; it doubles (with jitter) after each failure."
+    ),
+    "retry_max": "Longest retry delay.",
+    "check_interval": "Longest time between two looks at the certificate's expiry.",
+    "jitter": ("Renew up to this much earlier than renew_before (random), so renewals spread out."),
+}
+
 HOME_COMMENTS: dict[str, dict[str, str]] = {
     "relay": {
         "url": "Required. The relay's tunnel endpoint (wss://, or ws:// for tests only).",
@@ -110,19 +125,7 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             "self-signed certificate and `tunneld status` says why; `tunneld init --agree-tos` "
             "writes true."
         ),
-        "directory": "ACME directory URL.",
-        "email": 'Contact address for the ACME account; "" = none.',
-        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
-        "renew_before": "Renew this long before the certificate expires.",
-        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
-        "retry_initial": (
-            "First retry delay after a failed order; it doubles (with jitter) after each failure."
-        ),
-        "retry_max": "Longest retry delay.",
-        "check_interval": "Longest time between two looks at the certificate's expiry.",
-        "jitter": (
-            "Renew up to this much earlier than renew_before (random), so renewals spread out."
-        ),
+        **_ACME_COMMENTS,
     },
     "upstream": {
         "url": "The local app that requests are proxied to (http:// or https://).",
@@ -300,19 +303,7 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             "You agree to the ACME CA's terms of service (Let's Encrypt: "
             "https://letsencrypt.org/repository/). Until true, ACME stays off."
         ),
-        "directory": "ACME directory URL.",
-        "email": 'Contact address for the ACME account; "" = none.',
-        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
-        "renew_before": "Renew this long before the certificate expires.",
-        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
-        "retry_initial": (
-            "First retry delay after a failed order; it doubles (with jitter) after each failure."
-        ),
-        "retry_max": "Longest retry delay.",
-        "check_interval": "Longest time between two looks at the certificate's expiry.",
-        "jitter": (
-            "Renew up to this much earlier than renew_before (random), so renewals spread out."
-        ),
+        **_ACME_COMMENTS,
         "challenge": (
             '"tls-alpn-01" on the relay\'s own TLS port, or "http-01" on http_listen (which '
             "must then be reachable on port 80)."
