@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -682,13 +682,19 @@ def _ipv6_prefix(value: object) -> int:
     return value
 
 
-def _ws_url(value: object) -> str:
+def _url_parts(value: object, expected: str) -> tuple[str, SplitResult]:
+    """The URL string and its parts; _Invalid("expected <expected>") if it does not parse."""
     url = _string(value)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
-        raise _Invalid(f"expected a ws:// or wss:// URL, got {_show(value)}") from None
+        raise _Invalid(f"expected {expected}, got {_show(value)}") from None
+    return url, parts
+
+
+def _ws_url(value: object) -> str:
+    url, parts = _url_parts(value, "a ws:// or wss:// URL")
     if parts.username or parts.password:
         # Not echoed: the credentials would land in logs.
         raise _Invalid("credentials do not belong in the URL (value not shown); use token")
@@ -719,12 +725,7 @@ def _http_url(value: object) -> str:
 
 
 def _acme_directory(value: object) -> str:
-    url = _string(value)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise _Invalid(f"expected an https:// URL, got {_show(value)}") from None
+    url, parts = _url_parts(value, "an https:// URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Invalid(f"expected an https:// URL, got {_show(value)}")
     return url
