@@ -79,9 +79,9 @@ def test_certificate_sans_match_config(spelling: str, normal: str, tmp_path: Pat
 
 @pytest.mark.parametrize(("spelling", "normal"), [s for s in SPELLINGS if s[0].isascii()])
 def test_relay_acme_challenge_lookup(spelling: str, normal: str) -> None:
-    from tunneld.relay.certs import RelayCerts
+    from tunneld.relay.certs import RelayCertificates
 
-    certs = RelayCerts.__new__(RelayCerts)  # only the challenge table is used here
+    certs = RelayCertificates.__new__(RelayCertificates)  # only the challenge table is used here
     certs._challenges = {}
     sentinel = object()
     certs.set_challenges({config.normalize_hostname(spelling): sentinel})  # type: ignore[dict-item]

@@ -33,6 +33,7 @@ async def run_until_signalled(
     `config_path()` names the file a reload reads (it may change with a reload).
     A nursery's group of errors is raised as its first real error (`first_error`).
     """
+    failure: BaseException | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -50,6 +51,10 @@ async def run_until_signalled(
             try:
                 await run()
             except BaseExceptionGroup as group:
-                raise first_error(group) from None
+                failure = first_error(group)
+                if failure is group:  # nothing but cancellation: let it go on its way
+                    raise
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure  # out here, so this nursery does not wrap it in a group again
     return 0
