@@ -573,8 +573,13 @@ class MuxSession:
         frames), then one every RTT_PROBE_INTERVAL. Well under a peer's PING
         allowance (PROTOCOL.md 8)."""
         for i in range(1 << 62):  # bounded by the session's life
-            with trio.move_on_after(RTT_PROBE_TIMEOUT):
-                await self.ping()
+            try:
+                with trio.move_on_after(RTT_PROBE_TIMEOUT):
+                    await self.ping()
+            except (ProtocolError, trio.BrokenResourceError):
+                # The session is ending (a protocol error puts the connection in ERROR,
+                # where only GOAWAY may be sent): run() and the reader say why.
+                return
             await trio.sleep(RTT_PROBE_START if i < RTT_PROBES_AT_START else RTT_PROBE_INTERVAL)
 
     @property
