@@ -274,6 +274,8 @@ async def test_handler_exception_is_500_and_server_keeps_serving(
         assert code == 500 and b'"error"' in body
         assert b"secret detail" not in body and b"Traceback" not in body
         assert any("secret detail" in r.getMessage() for r in caplog.records)
+        # A bug shows its cause: the record carries the traceback.
+        assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
         assert await get_json(sock_path, "/v1/status") == STATUS
 
 

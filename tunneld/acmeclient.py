@@ -43,6 +43,7 @@ from josepy.jwk import JWK, JWKEC, JWKRSA
 from tunneld import __version__
 from tunneld.config import AcmeSection, format_duration
 from tunneld.errors import KeyFileError, TunneldError
+from tunneld.hostnames import hostname_key
 from tunneld.pki import (
     CertificateInfo,
     PrivateKey,
@@ -405,7 +406,7 @@ class AcmeManager:
         assert info is not None, "load() first"
         if certs.self_signed:
             return "the certificate is the self-signed bootstrap one"
-        have = {s.lower() for s in info.sans}
+        have = {hostname_key(s) for s in info.sans}
         if have != set(self.hostnames):
             return (
                 f"the hostnames changed (certificate: {', '.join(sorted(have))}; "
@@ -441,6 +442,8 @@ class AcmeManager:
             )
             loaded = await trio.to_thread.run_sync(self.certs.prepare, fullchain, key)
         except Exception as exc:  # any failure: the manager must live on to retry
+            # Its one line goes to the log and status (`_failed`); the traceback is for
+            # debugging, most failures being the CA's or the network's answers.
             log.debug("certificate order failed", exc_info=True)
             return self._failed(describe_error(exc))
         finally:

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 
 from tunneld.config import LETSENCRYPT_TERMS, HomeConfig, RelayConfig, RelaySection
 from tunneld.errors import ConfigError, KeyFileError, TokenError
+from tunneld.hostnames import hostname_key
 from tunneld.pki import CertificateInfo, certificate_info
 from tunneld.tokens import decode_claims_unverified, load_private_key, load_public_keys
-from tunneld.tokens import normalize_hostname as token_hostname
 
 __all__ = [
     "Findings",
@@ -230,12 +230,7 @@ def _check_token(config: HomeConfig, findings: Findings, now: float) -> None:
             f"{label}: {where} ({claims.token_id}) expired at {when}; the relay will refuse it "
             "(issue a new one with `tunneld token issue`)"
         )
-    allowed = set()
-    for name in claims.hostnames:
-        try:
-            allowed.add(token_hostname(name))
-        except ValueError:
-            allowed.add(name)
+    allowed = {hostname_key(name) for name in claims.hostnames}
     wanted = set(config.tls.hostnames)
     if allowed != wanted:
         parts = []

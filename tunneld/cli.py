@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DEFAULT_HOME_CONFIG = "/etc/tunneld/tunneld.toml"
 
-# `tunneld status` exit codes (DESIGN.md contract), and 4: the control socket exists but
+# `tunneld status` exit codes (README contract), and 4: the control socket exists but
 # this user may not open it (README: "Reading status as another user").
 EXIT_CONNECTED, EXIT_NOT_CONNECTED, EXIT_NOT_RUNNING, EXIT_PERMISSION_DENIED = 0, 1, 3, 4
 EXIT_ERROR = 2
@@ -419,37 +419,41 @@ def _freeze_startup_heap() -> None:
 
 
 def _run(path: str) -> int:
-    from tunneld.config import HomeConfig, load_config
-    from tunneld.errors import ConfigError
+    from tunneld.config import HomeConfig
     from tunneld.home.daemon import run_daemon
-    from tunneld.logs import setup_logging
 
-    config = load_config(path)
-    if not isinstance(config, HomeConfig):
-        raise ConfigError(f"{path}: this is a relay config; run it with `tunneld relay -c {path}`")
-    _refuse_if_running(config.daemon.control_socket, path, "a daemon")
-    _preflight(config)
-    setup_logging(config.daemon.log_level)
-    _log_warnings(config)
-    _freeze_startup_heap()
-    return _serve(run_daemon, config, path, "a daemon")
+    return _start(path, HomeConfig, run_daemon)
 
 
 def _relay(path: str) -> int:
-    from tunneld.config import RelayConfig, load_config
-    from tunneld.errors import ConfigError
-    from tunneld.logs import setup_logging
+    from tunneld.config import RelayConfig
     from tunneld.relay.server import run_relay
 
+    return _start(path, RelayConfig, run_relay)
+
+
+def _start(path: str, kind: type[HomeConfig] | type[RelayConfig], main: Any) -> int:
+    """`tunneld run` (a HomeConfig) or `tunneld relay` (a RelayConfig): check, then serve."""
+    from tunneld.config import HomeConfig, load_config
+    from tunneld.errors import ConfigError
+    from tunneld.logs import setup_logging
+
     config = load_config(path)
-    if not isinstance(config, RelayConfig):
+    home = kind is HomeConfig
+    if not isinstance(config, kind):
+        if home:
+            raise ConfigError(
+                f"{path}: this is a relay config; run it with `tunneld relay -c {path}`"
+            )
         raise ConfigError(f"{path}: this is a home config; run it with `tunneld run -c {path}`")
-    _refuse_if_running(config.relay.control_socket, path, "a relay")
+    section = config.daemon if isinstance(config, HomeConfig) else config.relay
+    what = "a daemon" if home else "a relay"
+    _refuse_if_running(section.control_socket, path, what)
     _preflight(config)
-    setup_logging(config.relay.log_level)
+    setup_logging(section.log_level)
     _log_warnings(config)
     _freeze_startup_heap()
-    return _serve(run_relay, config, path, "a relay")
+    return _serve(main, config, path, what)
 
 
 def _refuse_if_running(socket_path: Path, path: str, what: str) -> None:

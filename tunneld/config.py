@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from tunneld.errors import ConfigError
+from tunneld.hostnames import hostname_key, normalize_hostname
 
 __all__ = [
     "AccessHostSection",
@@ -191,30 +192,6 @@ def format_listen(listen: Listen) -> str:
     """Inverse of `parse_listen`: IPv6 hosts get brackets."""
     host, port = listen
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
-def normalize_hostname(text: str) -> str:
-    """Lower-case, no trailing dot, IDNA-encoded; ValueError unless a valid DNS name."""
-    name = text.strip().lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError(f"not a valid DNS name: {json.dumps(text)}") from None
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"an IP address is not a hostname (SNI needs a name): {json.dumps(text)}")
-    if not name or len(name) > 253 or not all(_LABEL.fullmatch(p) for p in name.split(".")):
-        raise ValueError(f"not a valid DNS name: {json.dumps(text)}")
-    return name
 
 
 def _split_http_url(url: str) -> tuple[str, str, int]:
@@ -733,13 +710,19 @@ def _ipv6_prefix(value: object) -> int:
     return value
 
 
-def _ws_url(value: object) -> str:
+def _url_parts(value: object, expected: str) -> tuple[str, SplitResult]:
+    """The URL string and its parts; _Invalid("expected <expected>") if it does not parse."""
     url = _string(value)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
-        raise _Invalid(f"expected a ws:// or wss:// URL, got {_show(value)}") from None
+        raise _Invalid(f"expected {expected}, got {_show(value)}") from None
+    return url, parts
+
+
+def _ws_url(value: object) -> str:
+    url, parts = _url_parts(value, "a ws:// or wss:// URL")
     if parts.username or parts.password:
         # Not echoed: the credentials would land in logs.
         raise _Invalid("credentials do not belong in the URL (value not shown); use token")
@@ -770,12 +753,7 @@ def _http_url(value: object) -> str:
 
 
 def _acme_directory(value: object) -> str:
-    url = _string(value)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise _Invalid(f"expected an https:// URL, got {_show(value)}") from None
+    url, parts = _url_parts(value, "an https:// URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Invalid(f"expected an https:// URL, got {_show(value)}")
     return url
@@ -1496,7 +1474,7 @@ def _certificate_names(path: Path) -> tuple[str, ...] | None:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return ()
-    return tuple(n.lower().rstrip(".") for n in ext.value.get_values_for_type(x509.DNSName))
+    return tuple(hostname_key(n) for n in ext.value.get_values_for_type(x509.DNSName))
 
 
 def _covered(hostname: str, sans: tuple[str, ...]) -> bool:

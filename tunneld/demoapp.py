@@ -39,6 +39,9 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from tunneld.files import atomic_write
+from tunneld.httpio import next_event
+
 __all__ = [
     "CHUNK_SIZE",
     "LOGIN_PASSWORD",
@@ -180,11 +183,7 @@ class _HttpConnection:
         self.head = False
 
     async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.conn.receive_data(cast(bytes, await self.stream.receive_some(RECEIVE_SIZE)))
+        return await next_event(self.stream, self.conn, RECEIVE_SIZE)
 
     async def body(self) -> AsyncIterator[bytes]:
         """Async iterator over the request body's chunks, answering `Expect: 100-continue`."""
@@ -614,10 +613,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _write_port_file(path: str, port: int) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{port}\n")
-    os.replace(tmp, path)
+    atomic_write(path, f"{port}\n".encode("ascii"), mode=0o644)
 
 
 async def _run(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) -> int:

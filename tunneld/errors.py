@@ -8,17 +8,34 @@ from __future__ import annotations
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a nursery's group (cancellations are only echoes).
+    """The error a boundary reports for a nursery's group.
 
-    Used once at each boundary (CLI, session attempt) so users see one
-    clear error, never an exception group.
+    The group is split by type: `trio.Cancelled` are only echoes of the real error
+    (the nursery cancelled its other tasks because of it) and are dropped. Of what
+    is left, the first error is returned; any others are not dropped but added to
+    it as notes, so a traceback or log of it still shows them. A group of nothing
+    but cancellations is returned as it is.
+
+    Used once at each boundary (CLI, session attempt) so users see one clear error,
+    never an exception group.
     """
+    import trio  # here, not at the top: tunneld.wire imports this module and stays sans-IO
+
+    _, rest = group.split(trio.Cancelled)
+    if rest is None:
+        return group
+    errors = _leaves(rest)
+    first = errors[0]
+    for other in errors[1:]:
+        first.add_note(f"also raised in the same task group: {type(other).__name__}: {other}")
+    return first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
     for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = first_error(exc)
-        if not exc.__class__.__name__ == "Cancelled":
-            return exc
-    return group
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 class TunneldError(Exception):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from tunneld.config import (
     parse_listen,
 )
 from tunneld.errors import ConfigError
+from tunneld.files import atomic_write
 
 __all__ = [
     "HOME_COMMENTS",
@@ -65,6 +64,21 @@ RELAY_HEADER = """\
 # resolve against this file's folder. Durations: "250ms", "30s", "10m", "24h", "30d".
 # After an edit: `tunneld check-config -c FILE`, then `systemctl reload tunneld-relay`.
 """
+
+# The keys [acme] (home) and [relay.acme] share, with the same meaning.
+_ACME_COMMENTS: dict[str, str] = {
+    "directory": "ACME directory URL.",
+    "email": 'Contact address for the ACME account; "" = none.',
+    "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
+    "renew_before": "Renew this long before the certificate expires.",
+    "key_type": 'Certificate key type: "ec256" or "rsa2048".',
+    "retry_initial": (
+        "First retry delay after a failed order; it doubles (with jitter) after each failure."
+    ),
+    "retry_max": "Longest retry delay.",
+    "check_interval": "Longest time between two looks at the certificate's expiry.",
+    "jitter": ("Renew up to this much earlier than renew_before (random), so renewals spread out."),
+}
 
 HOME_COMMENTS: dict[str, dict[str, str]] = {
     "relay": {
@@ -111,19 +125,7 @@ HOME_COMMENTS: dict[str, dict[str, str]] = {
             "self-signed certificate and `tunneld status` says why; `tunneld init --agree-tos` "
             "writes true."
         ),
-        "directory": "ACME directory URL.",
-        "email": 'Contact address for the ACME account; "" = none.',
-        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
-        "renew_before": "Renew this long before the certificate expires.",
-        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
-        "retry_initial": (
-            "First retry delay after a failed order; it doubles (with jitter) after each failure."
-        ),
-        "retry_max": "Longest retry delay.",
-        "check_interval": "Longest time between two looks at the certificate's expiry.",
-        "jitter": (
-            "Renew up to this much earlier than renew_before (random), so renewals spread out."
-        ),
+        **_ACME_COMMENTS,
     },
     "upstream": {
         "url": "The local app that requests are proxied to (http:// or https://).",
@@ -306,19 +308,7 @@ RELAY_COMMENTS: dict[str, dict[str, str]] = {
             "You agree to the ACME CA's terms of service (Let's Encrypt: "
             "https://letsencrypt.org/repository/). Until true, ACME stays off."
         ),
-        "directory": "ACME directory URL.",
-        "email": 'Contact address for the ACME account; "" = none.',
-        "ca_file": 'Extra CA file (PEM) to trust for the ACME server; "" = system CAs.',
-        "renew_before": "Renew this long before the certificate expires.",
-        "key_type": 'Certificate key type: "ec256" or "rsa2048".',
-        "retry_initial": (
-            "First retry delay after a failed order; it doubles (with jitter) after each failure."
-        ),
-        "retry_max": "Longest retry delay.",
-        "check_interval": "Longest time between two looks at the certificate's expiry.",
-        "jitter": (
-            "Renew up to this much earlier than renew_before (random), so renewals spread out."
-        ),
+        **_ACME_COMMENTS,
         "challenge": (
             '"tls-alpn-01" on the relay\'s own TLS port, or "http-01" on http_listen (which '
             "must then be reachable on port 80)."
@@ -485,29 +475,24 @@ def write_config(path: Path, text: str, *, force: bool = False) -> HomeConfig | 
     directory = path.absolute().parent
     if not directory.is_dir():
         raise ConfigError(f"{path}: the folder {directory} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), FILE_MODE)  # holds the token: owner only
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    loaded: list[HomeConfig | RelayConfig] = []
+
+    def check(tmp: Path) -> None:
         try:
-            config = load_config(tmp)
+            loaded.append(load_config(tmp))
         except ConfigError as exc:
             # Name the file the user asked for, not the scratch file.
             raise ConfigError(str(exc).replace(str(tmp), str(path))) from None
-        if not force and path.exists():  # appeared meanwhile
-            raise ConfigError(f"{path}: already exists; use --force to overwrite it")
-        os.replace(tmp, path)
+
+    try:
+        # Mode 0600: the file holds the token. Without --force, a file that appeared
+        # meanwhile is not overwritten (exclusive).
+        atomic_write(path, text.encode("utf-8"), mode=FILE_MODE, exclusive=not force, check=check)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; use --force to overwrite it") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    config = loaded[0]
     return dataclasses.replace(config, path=path.absolute())
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import tomli_w
 
 from tunneld.errors import ConfigError, TokenError
+from tunneld.files import atomic_write
 from tunneld.tokens import decode_claims_unverified, normalize_hostname
 
 __all__ = ["JoinLine", "apply_join", "format_join_line", "parse_join_line"]
@@ -86,22 +87,13 @@ def parse_join_line(text: str) -> JoinLine:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomically, with `mode`, group `tunneld` when root and that group exists."""
-    tmp = path.with_name(f".{path.name}.join")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        if os.geteuid() == 0:
-            try:
-                os.chown(tmp, -1, grp.getgrnam(GROUP).gr_gid)
-            except KeyError:
-                pass
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    group = None
+    if os.geteuid() == 0:
+        try:
+            group = grp.getgrnam(GROUP).gr_gid
+        except KeyError:
+            pass
+    atomic_write(path, data, mode=mode, group=group)
 
 
 _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")

@@ -24,6 +24,7 @@ from tunneld import __version__
 from tunneld.config import Listen, format_listen
 from tunneld.control import ControlRequest, ControlResponse, Handler
 from tunneld.errors import ConfigError
+from tunneld.httpio import next_event, send_response
 
 __all__ = [
     "CONTENT_TYPE",
@@ -361,28 +362,17 @@ async def _serve_one(stream: trio.SocketStream, registry: CollectorRegistry) -> 
                     ("Content-Length", str(len(body))),
                     ("Connection", "close"),
                 ]
-                out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-                if request.method != b"HEAD":
-                    out += conn.send(h11.Data(data=body)) or b""
-                out += conn.send(h11.EndOfMessage()) or b""
-                await stream.send_all(out)
+                head = request.method == b"HEAD"
+                await send_response(stream, conn, status, headers, body, head=head)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
         pass
     except Exception as exc:  # one scrape must never take the process down
-        log.error("metrics request failed: %s: %s", type(exc).__name__, exc)
+        log.exception("metrics request failed: %r", exc)
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Request):
-            return event
-        if event is not h11.NEED_DATA:
-            return None
-        data = await stream.receive_some(MAX_REQUEST_HEAD)
-        conn.receive_data(data)
-        if not data:
-            return None
+    event = await next_event(stream, conn, MAX_REQUEST_HEAD)
+    return event if isinstance(event, h11.Request) else None
 
 
 def _answer(request: h11.Request, registry: CollectorRegistry) -> tuple[int, bytes, str]:

@@ -11,10 +11,10 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,8 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunneld.errors import KeyFileError
+from tunneld.files import atomic_write, read_key_file
+from tunneld.hostnames import hostname_key
 
 __all__ = [
+    "install_pair",
     "KEY_KINDS",
     "CertificateInfo",
     "PrivateKey",
@@ -39,11 +42,12 @@ __all__ = [
     "write_private_key",
 ]
 
+T = TypeVar("T")
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 KEY_KINDS = ("ec256", "rsa2048")
 # Backdate notBefore a little so a peer whose clock is slightly behind still accepts it.
 _BACKDATE = dt.timedelta(hours=1)
-_MAX_FILE = 1 << 20
 
 
 def generate_private_key(kind: str = "ec256") -> PrivateKey:
@@ -59,38 +63,10 @@ def generate_private_key(kind: str = "ec256") -> PrivateKey:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path = Path(path)
     try:
-        # mkstemp creates the file 0600 in the target directory (same filesystem, so
-        # os.replace is atomic); the final mode is set before the name becomes visible.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, data, mode=mode)
     except OSError as exc:
         raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable; best effort (some filesystems refuse)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_private_key(key: PrivateKey, path: Path) -> None:
@@ -108,22 +84,35 @@ def write_certificate(cert_pem: bytes, path: Path) -> None:
     _atomic_write(path, cert_pem, 0o644)
 
 
-def _read(path: Path, what: str) -> bytes:
+def install_pair(
+    key: PrivateKey,
+    fullchain_pem: bytes,
+    key_path: Path,
+    cert_path: Path,
+    load: Callable[[Path, Path], T],
+) -> T:
+    """Blocking: write a new key and chain to scratch files beside their targets, check
+    them with `load(cert, key)` (what it raises leaves the old pair in place), then move
+    them into place, key first: a crash in between leaves a mismatched pair, which
+    the certificate stores replace by a bootstrap one and order again. `load`'s result.
+    """
+    new_key = key_path.with_name(f".{key_path.name}.new")
+    new_cert = cert_path.with_name(f".{cert_path.name}.new")
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_FILE + 1)
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > _MAX_FILE:
-        raise KeyFileError(f"{what} {path} is too large")
-    return data
+        write_private_key(key, new_key)
+        write_certificate(fullchain_pem, new_cert)
+        loaded = load(new_cert, new_key)
+        os.replace(new_key, key_path)
+        os.replace(new_cert, cert_path)
+    finally:
+        new_key.unlink(missing_ok=True)
+        new_cert.unlink(missing_ok=True)
+    return loaded
 
 
 def read_private_key(path: Path) -> PrivateKey:
     """Load an unencrypted PEM EC or RSA private key (KeyFileError otherwise)."""
-    data = _read(Path(path), "private key file")
+    data = read_key_file(Path(path), "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -140,7 +129,7 @@ def read_private_key(path: Path) -> PrivateKey:
 
 def _general_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
-    for text in dict.fromkeys(_normalize(h) for h in hostnames):
+    for text in dict.fromkeys(hostname_key(h) for h in hostnames):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(text)))
         except ValueError:
@@ -148,15 +137,6 @@ def _general_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
     if not names:
         raise ValueError("a certificate needs at least one hostname")
     return names
-
-
-def _normalize(name: str) -> str:
-    name = name.strip().lower()
-    name = name[:-1] if name.endswith(".") else name
-    try:
-        return str(ipaddress.ip_address(name))  # canonical form: "::0001" -> "::1"
-    except ValueError:
-        return name
 
 
 def _name(common_name: str) -> x509.Name:
@@ -331,7 +311,7 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostnames: Sequence[str]
     """Keep an existing, unexpired cert+key pair whose SANs are exactly ``hostnames``;
     otherwise write a new key and a self-signed certificate for them.
     """
-    wanted = {_normalize(h) for h in hostnames}
+    wanted = {hostname_key(h) for h in hostnames}
     if not wanted:
         raise ValueError("a certificate needs at least one hostname")
     if _pair_is_usable(Path(cert_path), Path(key_path), wanted):
@@ -346,12 +326,12 @@ def _pair_is_usable(cert_path: Path, key_path: Path, wanted: set[str]) -> bool:
     if not cert_path.exists() or not key_path.exists():
         return False
     try:
-        cert = _load_first(_read(cert_path, "certificate file"))
+        cert = _load_first(read_key_file(cert_path, "certificate file"))
         key = read_private_key(key_path)
     except KeyFileError:
         return False  # unreadable or garbage: replaced, as if missing
     info = certificate_info(cert.public_bytes(serialization.Encoding.PEM))
-    if {_normalize(s) for s in info.sans} != wanted:
+    if {hostname_key(s) for s in info.sans} != wanted:
         return False
     if info.not_after <= dt.datetime.now(dt.UTC):
         return False

@@ -12,7 +12,6 @@ import base64
 import binascii
 import json
 import math
-import os
 import re
 import secrets
 import time
@@ -31,6 +30,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from tunneld.errors import ConfigError, KeyFileError, TokenError
+from tunneld.files import atomic_write, read_key_file
+from tunneld.hostnames import normalize_hostname as _normalize_hostname
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -55,9 +56,7 @@ MAX_TOKEN_BYTES = 8192
 _SIGNATURE_LEN = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _JTI = re.compile(r"[0-9a-f]{16}")
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
-_MAX_KEY_FILE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -76,13 +75,10 @@ class Claims:
 
 
 def normalize_hostname(name: str) -> str:
-    """Lower-case ``name`` and drop one trailing dot; ValueError if it is not a DNS name."""
-    host = name.strip().lower()
-    if host.endswith("."):
-        host = host[:-1]
-    if not host or len(host) > 253 or not all(_LABEL.fullmatch(p) for p in host.split(".")):
-        raise ValueError(f"{name!r} is not a valid hostname")
-    return host
+    """A token's hostname in the shared normal form (see `tunneld.hostnames`);
+    ValueError unless a DNS name. Tokens have always taken an IPv4 address (it passed
+    the label check), so an address is accepted rather than break a token in use."""
+    return _normalize_hostname(name, allow_ip=True)
 
 
 def normalize_specifier(spec: str) -> str:
@@ -103,21 +99,12 @@ def normalize_specifier(spec: str) -> str:
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never overwrite, and the file exists with `mode` from its first instant.
+    # exclusive: never overwrite; the name appears only with its mode and all its data.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        atomic_write(path, data, mode=mode, exclusive=True)
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
     except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:  # closes fd, also on error
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits we want
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
         raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
 
 
@@ -149,22 +136,9 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
         raise
 
 
-def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"{what} {path} is too large to be a key file")
-    return data
-
-
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Load an unencrypted PEM Ed25519 private key (as written by generate_keypair)."""
-    data = _read_key_file(Path(path), "private key file")
+    data = read_key_file(Path(path), "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -182,7 +156,7 @@ def load_public_keys(paths: Sequence[Path]) -> tuple[Ed25519PublicKey, ...]:
     keys: list[Ed25519PublicKey] = []
     for raw_path in paths:
         path = Path(raw_path)
-        data = _read_key_file(path, "public key file")
+        data = read_key_file(path, "public key file")
         blocks = _PEM_PUBLIC.findall(data)
         if not blocks:
             raise KeyFileError(f"{path} holds no PEM public key (BEGIN PUBLIC KEY)")

@@ -248,7 +248,7 @@ async def test_session_loss_breaks_every_stream() -> None:
                 await stream.send_all(b"more")
 
 
-async def test_handler_failure_resets_only_its_stream() -> None:
+async def test_handler_failure_resets_only_its_stream(caplog: pytest.LogCaptureFixture) -> None:
     async def handler(stream: MuxStream) -> None:
         if stream.client_port == 1:
             raise RuntimeError("boom")
@@ -263,6 +263,11 @@ async def test_handler_failure_resets_only_its_stream() -> None:
             await good.send_all(b"still here")
             await good.send_eof()
             assert await read_all(good) == b"still here"
+    # A bug shows its cause: one ERROR record, with the traceback.
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1, failures
+    assert failures[0].levelname == "ERROR"
+    assert failures[0].exc_info is not None and "boom" in str(failures[0].exc_info[1])
 
 
 async def test_ping_measures_round_trip() -> None:
@@ -296,11 +301,16 @@ async def test_goaway_reaches_the_home() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run)
             nursery.start_soon(home.run)
-            relay.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
+            relay.goaway(ev.ResetCode.REPLACED, "replaced by another session")
             await arrived.wait()
+            relay.goaway(ev.ResetCode.SHUTDOWN, "again")  # a second one: no error
             nursery.cancel_scope.cancel()
-    assert got == [ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session")]
+    assert got[0] == ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session")
     assert home.going_away
+    # Once the session is over there is nobody to tell: goaway() does nothing, quietly.
+    relay.goaway(ev.ResetCode.SHUTDOWN, "relay shutting down")
+    with pytest.raises(trio.BrokenResourceError):
+        relay.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
 
 
 async def test_many_streams_coalesce_into_few_messages() -> None:

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunneld.hostnames import hostname_key
 from tunneld.wire.clienthello import (
     MAX_CLIENT_HELLO,
     ClientHello,
     Status,
-    normalize_hostname,
     parse_client_hello,
     unrecognized_name_alert,
 )
@@ -340,7 +340,7 @@ def test_unrecognized_name_alert() -> None:
     ],
 )
 def test_normalize_hostname(name: str, expected: str) -> None:
-    assert normalize_hostname(name) == expected
+    assert hostname_key(name) == expected
 
 
 def test_parser_imports_no_io() -> None:

@@ -40,8 +40,8 @@ from tunneld.doctor.probes import (
     open_tls,
 )
 from tunneld.errors import ConfigError, ControlError, TokenError
+from tunneld.hostnames import hostname_key
 from tunneld.tokens import decode_claims_unverified
-from tunneld.tokens import normalize_hostname as token_hostname
 from tunneld.transport.channel import RAW_SUBPROTOCOL
 
 __all__ = ["check_home_setup"]
@@ -274,12 +274,7 @@ def _token(config: HomeConfig, skew: float | None, report: Report) -> None:
     local = time.time()
     now = local - skew if skew is not None else local
     names = " --hostname ".join(config.tls.hostnames)
-    allowed = set()
-    for name in claims.hostnames:
-        try:
-            allowed.add(token_hostname(name))
-        except ValueError:
-            allowed.add(name)
+    allowed = {hostname_key(name) for name in claims.hostnames}
     missing = [h for h in config.tls.hostnames if h not in allowed]
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims.expires_at))
     if claims.expires_at <= now:

@@ -18,6 +18,8 @@ from email.utils import parsedate_to_datetime
 
 import h11
 
+from tunneld.hostnames import hostname_key
+
 __all__ = [
     "HttpAnswer",
     "Resolver",
@@ -77,7 +79,7 @@ class Resolver:
                 ipaddress.ip_address(address)
             except ValueError:
                 raise ValueError(f"--resolve: {address!r} is not an IP address") from None
-            out.setdefault(name.strip().lower().rstrip("."), []).append(address)
+            out.setdefault(hostname_key(name), []).append(address)
         return cls(out)
 
     def resolve(self, name: str) -> list[str]:
@@ -87,7 +89,7 @@ class Resolver:
             return [name]
         except ValueError:
             pass
-        key = name.lower().rstrip(".")
+        key = hostname_key(name)
         if key in self.overrides:
             return list(self.overrides[key])
         infos = socket.getaddrinfo(key, None, type=socket.SOCK_STREAM)

@@ -29,6 +29,7 @@ from tunneld.doctor.probes import (
     open_tls,
 )
 from tunneld.errors import ConfigError, ControlError, KeyFileError, NotRunningError
+from tunneld.hostnames import hostname_key
 from tunneld.tokens import load_private_key, load_public_keys
 
 __all__ = ["check_relay_setup"]
@@ -92,7 +93,7 @@ def _certificate(config: RelayConfig, report: Report) -> str | None:
             f"install a certificate chain for {cfg.hostname} and its key (README: Your first hour)",
         )
         return None
-    names = {s.lower().rstrip(".") for s in info.sans}
+    names = {hostname_key(s) for s in info.sans}
     wildcard = "*." + cfg.hostname.split(".", 1)[-1]
     left = info.not_after.timestamp() - time.time()
     if cfg.hostname not in names and wildcard not in names:

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -25,7 +25,7 @@ from tunneld.config import HomeConfig, format_listen, split_connect_to
 from tunneld.errors import ProtocolError, SessionRefused, first_error
 from tunneld.home.dataconns import DataDialer
 from tunneld.home.watchdog.bans import BanList
-from tunneld.transport.channel import ChannelClosed, open_channel
+from tunneld.transport.channel import Channel, ChannelClosed, open_channel
 from tunneld.transport.rawsock import SESSION_UNSENT, RawSocketStream, raw_stream
 from tunneld.transport.session import (
     MuxSession,
@@ -182,10 +182,7 @@ class Connector:
         self.state.state = "stopping"
         sessions = list(self.state.sessions)
         for session in sessions:
-            try:
-                session.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "daemon shutting down"))
-            except Exception:  # noqa: BLE001 - a closing session may refuse
-                pass
+            session.goaway(ev.ResetCode.SHUTDOWN, "daemon shutting down")
             session.close("daemon shutting down")
         for session in sessions:
             await session.finished.wait()
@@ -278,7 +275,7 @@ class Connector:
         finally:
             await aclose_quietly(stream)
 
-    async def _serve(self, ws: Any, outcome: SessionOutcome) -> None:
+    async def _serve(self, ws: Channel, outcome: SessionOutcome) -> None:
         daemon = self.config.daemon
         conn = tuned_connection(
             Role.HOME,
@@ -381,10 +378,7 @@ class Connector:
                 # Reload: the relay routes nothing new here, and the open streams (a
                 # WebSocket may last hours) finish however long they take; pings still
                 # watch the link.
-                try:
-                    mux.send(ev.GoAway(ev.ResetCode.NO_ERROR, "config reloaded"))
-                except Exception:  # noqa: BLE001 - a closing session may refuse
-                    pass
+                mux.goaway(ev.ResetCode.NO_ERROR, "config reloaded")
             with trio.move_on_after(math.inf if outcome.renew else self.cfg.drain_timeout):
                 await mux.idle.wait()
                 while mux.streams_active:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -44,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tunneld import __version__
 from tunneld.config import CtSection, HomeConfig
+from tunneld.files import atomic_write
 
 __all__ = ["CT_FILE", "CtWatch", "normalize_sha256", "read_state", "write_state"]
 
@@ -91,17 +90,8 @@ def read_state(path: Path) -> dict[str, Any]:
 def write_state(path: Path, data: dict[str, Any]) -> None:
     """Atomically: temp file, fsync, rename (mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ct.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(data, indent=1, sort_keys=True)
+    atomic_write(path, text.encode(), mode=0o600, temp_prefix=".ct.")
 
 
 def _serial(value: object) -> str:

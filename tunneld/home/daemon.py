@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import time
 from functools import partial
 from typing import Any
@@ -21,7 +20,6 @@ from tunneld.control import (
     Router,
     serve_control,
 )
-from tunneld.errors import first_error
 from tunneld.home.access import AccessControl
 from tunneld.home.certs.acme import AcmeManager
 from tunneld.home.certs.store import CertificateStore
@@ -36,6 +34,7 @@ from tunneld.home.watchdog.bans import BANS_FILE, BanFile, BanList
 from tunneld.home.watchdog.core import Watchdog
 from tunneld.metrics import HomeCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.reload import Settings, TaskSlot
+from tunneld.signals import run_until_signalled
 from tunneld.systemd import notify, run_watchdog
 
 log = logging.getLogger("tunneld.daemon")
@@ -216,26 +215,13 @@ class Daemon:
 
 async def run_daemon(config: HomeConfig) -> int:
     daemon = Daemon(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("received SIGHUP: reloading %s", daemon.config.path)
-                        await reload_daemon(daemon)
-                        continue
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    daemon.stop()
-                    return
-
-            nursery.start_soon(watch_signals)
-            try:
-                await daemon.run()
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            nursery.cancel_scope.cancel()
-    return 0
+    return await run_until_signalled(
+        daemon.run,
+        reload=lambda: reload_daemon(daemon),
+        stop=daemon.stop,
+        config_path=lambda: daemon.config.path,
+        log=log,
+    )
 
 
 def _dialer_json(st: ConnectorState) -> dict[str, int] | None:

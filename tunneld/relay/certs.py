@@ -24,13 +24,13 @@ from cryptography import x509
 
 from tunneld.acmeclient import ACME_TLS_ALPN, HTTP01_PREFIX, RenewalStatus
 from tunneld.config import LETSENCRYPT_TERMS, RelayConfig
+from tunneld.hostnames import hostname_key
 from tunneld.pki import (
     CertificateInfo,
     PrivateKey,
     certificate_info,
     ensure_self_signed,
-    write_certificate,
-    write_private_key,
+    install_pair,
 )
 from tunneld.wire.clienthello import ClientHello
 
@@ -101,7 +101,7 @@ class RelayCertificates:
         """The TLS-ALPN-01 context for a handshake offering `acme-tls/1`, if one is pending."""
         if ACME_TLS_ALPN not in hello.alpn:
             return None
-        ctx = self._challenges.get((hello.sni or "").lower().rstrip("."))
+        ctx = self._challenges.get(hostname_key(hello.sni or ""))
         if ctx is not None:
             log.info("answering the ACME tls-alpn-01 challenge for %s", hello.sni)
         else:
@@ -150,18 +150,7 @@ class RelayCertificates:
 
     def prepare(self, fullchain_pem: bytes, key: PrivateKey) -> LoadedRelayCertificate:
         """Blocking: check the new pair from scratch files, then move it into place."""
-        new_key = self.key_path.with_name(f".{self.key_path.name}.new")
-        new_cert = self.cert_path.with_name(f".{self.cert_path.name}.new")
-        try:
-            write_private_key(key, new_key)
-            write_certificate(fullchain_pem, new_cert)
-            loaded = self.read(new_cert, new_key)
-            os.replace(new_key, self.key_path)
-            os.replace(new_cert, self.cert_path)
-        finally:
-            new_key.unlink(missing_ok=True)
-            new_cert.unlink(missing_ok=True)
-        return loaded
+        return install_pair(key, fullchain_pem, self.key_path, self.cert_path, self.read)
 
     def activate(self, loaded: LoadedRelayCertificate) -> None:
         """New connections to the relay's own name get `loaded` from now on."""

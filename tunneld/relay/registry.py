@@ -134,10 +134,7 @@ class Registry:
         if old.replaced:
             return
         old.replaced = True
-        try:
-            old.mux.send(ev.GoAway(ev.ResetCode.REPLACED, "replaced by another session"))
-        except Exception:  # noqa: BLE001 - the old session may be closing already
-            pass
+        old.mux.goaway(ev.ResetCode.REPLACED, "replaced by another session")
 
     def unregister(self, session: HomeSession) -> None:
         for host in session.hostnames:

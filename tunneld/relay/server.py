@@ -7,7 +7,6 @@ import email.utils
 import json
 import logging
 import secrets
-import signal
 import socket
 import ssl
 import time
@@ -31,7 +30,9 @@ from tunneld.control import (
     Router,
     serve_control,
 )
-from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError, first_error
+from tunneld.errors import ConfigError, KeyFileError, ProtocolError, TokenError
+from tunneld.hostnames import hostname_key
+from tunneld.httpio import next_event, send_response
 from tunneld.metrics import RelayCollector, make_registry, metrics_endpoint, serve_metrics
 from tunneld.netaddr import normalize_ip
 from tunneld.pki import CertificateInfo
@@ -41,6 +42,7 @@ from tunneld.relay.ratelimit import ConnectionRate
 from tunneld.relay.registry import HomeSession, Registry
 from tunneld.relay.reload import certificate_status, reload_relay
 from tunneld.reload import Settings
+from tunneld.signals import run_until_signalled
 from tunneld.systemd import notify, run_watchdog
 from tunneld.tokens import (
     Claims,
@@ -71,7 +73,6 @@ from tunneld.transport.tls import SESSION_RECEIVE, TLSStream
 from tunneld.wire import events as ev
 from tunneld.wire.clienthello import (
     ClientHello,
-    normalize_hostname,
     parse_client_hello,
     unrecognized_name_alert,
 )
@@ -279,10 +280,7 @@ class Relay:
                 listener_scope.cancel()
                 log.info("relay stopping: GOAWAY to %d session(s)", len(self.registry.sessions))
                 for session in list(self.registry.sessions):
-                    try:
-                        session.mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
-                    except Exception:  # noqa: BLE001
-                        pass
+                    session.mux.goaway(ev.ResetCode.SHUTDOWN, "relay shutting down")
                 with trio.move_on_after(self.cfg.drain_timeout):
                     for session in list(self.registry.sessions):
                         await session.mux.idle.wait()
@@ -330,9 +328,12 @@ class Relay:
         self._per_ip[ip] += 1
         try:
             await self._route(tcp, ip, port, first)
+        except STREAM_ERRORS as exc:  # the client's doing, not a bug: one line
+            log.warning("connection from %s failed: %r", ip, exc)
+            abort_socket(tcp)
+            await aclose_quietly(tcp)
         except Exception as exc:  # one client must never take the relay down
-            log.error("connection from %s failed: %r", ip, exc)
-            log.debug("connection failure", exc_info=True)
+            log.exception("connection from %s failed: %r", ip, exc)
             abort_socket(tcp)
             await aclose_quietly(tcp)
         finally:
@@ -389,7 +390,7 @@ class Relay:
             self.stats.refused["client_hello"] += 1
             await aclose_quietly(tcp)
             return
-        sni = normalize_hostname(hello.sni) if hello.sni else None
+        sni = hello.sni  # normalized by the parser (tunneld.hostnames)
         if sni == self.cfg.hostname:
             if self.own_certs is not None and self.own_certs.is_challenge(hello):
                 await self._answer_acme(tcp, bytes(buf), hello)  # TLS-ALPN-01
@@ -566,7 +567,7 @@ class Relay:
         claims = verify_token(auth[7:].strip(), self._public_keys, revoked=revoked)
         requested = (
             tuple(
-                normalize_hostname(h.strip())
+                hostname_key(h)
                 for h in headers.get("tunneld-hostnames", "").split(",")
                 if h.strip()
             )
@@ -694,7 +695,7 @@ class Relay:
                 await ws.aclose(1002, "handshake failed")
             return
         if self.state != "running":
-            mux.send(ev.GoAway(ev.ResetCode.SHUTDOWN, "relay shutting down"))
+            mux.goaway(ev.ResetCode.SHUTDOWN, "relay shutting down")
         home = HomeSession(
             mux=mux,
             session_id=session_id,
@@ -891,18 +892,16 @@ async def _read_request_head(
     """Read one HTTP request head; returns it and every raw byte read."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     raw = bytearray()
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Request):
-            return conn, event, bytes(raw)
-        if event is h11.NEED_DATA:
-            data = bytes(await stream.receive_some(MAX_REQUEST_HEAD))
-            if not data:
-                raise trio.BrokenResourceError("client closed before a request")
-            raw += data
-            conn.receive_data(data)
-            continue
+    event = await next_event(
+        stream,
+        conn,
+        MAX_REQUEST_HEAD,
+        raw=raw,
+        on_eof=lambda: trio.BrokenResourceError("client closed before a request"),
+    )
+    if not isinstance(event, h11.Request):
         raise h11.RemoteProtocolError("unexpected event before the request")
+    return conn, event, bytes(raw)
 
 
 async def _respond(
@@ -922,11 +921,8 @@ async def _respond(
         ("Date", email.utils.formatdate(usegmt=True)),
         *(extra or []),
     ]
-    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-    out += conn.send(h11.Data(data=body)) or b""
-    out += conn.send(h11.EndOfMessage()) or b""
     with trio.fail_after(10):
-        await stream.send_all(out)
+        await send_response(stream, conn, status, headers, body)
 
 
 def _load_own(certs: RelayCertificates, config: RelayConfig) -> LoadedRelayCertificate:
@@ -942,26 +938,13 @@ def _load_own(certs: RelayCertificates, config: RelayConfig) -> LoadedRelayCerti
 async def run_relay(config: RelayConfig) -> int:
     """The `tunneld relay` process: serve until SIGTERM/SIGINT, then drain."""
     relay = Relay(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("received SIGHUP: reloading %s", relay.config.path)
-                        await reload_relay(relay)
-                        continue
-                    log.info("received %s", signal.Signals(signum).name)
-                    relay.stop()
-                    return
-
-            nursery.start_soon(watch_signals)
-            try:
-                await relay.run()
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            nursery.cancel_scope.cancel()
-    return 0
+    return await run_until_signalled(
+        relay.run,
+        reload=lambda: reload_relay(relay),
+        stop=relay.stop,
+        config_path=lambda: relay.config.path,
+        log=log,
+    )
 
 
 _END = {True: "cleanly", False: "broken"}

@@ -7,30 +7,31 @@ mux frames directly on the TLS stream, skipping WebSocket framing and the
 client-side masking that cost about half the CPU per byte (bench/RESULTS.md).
 A relay that does not select it gets ordinary binary WebSocket messages.
 
-A channel has the three methods the session needs: `get_message()`,
+A channel (`Channel`) has the three methods the session needs: `get_message()`,
 `send_message(data)` and `aclose()`; both end with `ChannelClosed`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
+from typing import Protocol
 
 import h11
 import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
 
 from tunneld.errors import RemoteProtocolError, SessionRefused, TunneldError
+from tunneld.httpio import next_event
 
 RAW_SUBPROTOCOL = "tunneld-raw.1"
 RECEIVE_BYTES = 256 * 1024
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 MAX_REFUSAL_BODY = 64 * 1024
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CHANNEL_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -40,7 +41,23 @@ class ChannelClosed(TunneldError):
 
 def websocket_accept(key: str) -> str:
     """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
+    return generate_accept_token(key.encode("ascii")).decode("ascii")
+
+
+class Channel(Protocol):
+    """The seam between a `MuxSession` and its transport: whole messages both ways.
+
+    `RawChannel`, `WebSocketChannel` (the daemon's) and trio-websocket's
+    `WebSocketConnection` (the relay's) all fit. A text message (`str`) is a
+    protocol error the session answers; the end of the channel raises
+    `ChannelClosed` or trio-websocket's `ConnectionClosed`.
+    """
+
+    async def get_message(self) -> bytes | str: ...
+
+    async def send_message(self, message: bytes, /) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
 class RawChannel:
@@ -187,17 +204,15 @@ async def open_channel(
 
 
 async def _next_event(stream: trio.abc.Stream, http: h11.Connection) -> object:
-    while True:
-        try:
-            event = http.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise RemoteProtocolError(f"bad HTTP answer from the relay: {exc}") from None
-        if event is not h11.NEED_DATA:
-            return event
-        data = await stream.receive_some(RECEIVE_BYTES)
-        http.receive_data(bytes(data))
-        if not data:
-            raise ChannelClosed("the relay closed the connection during the handshake")
+    try:
+        return await next_event(
+            stream,
+            http,
+            RECEIVE_BYTES,
+            on_eof=lambda: ChannelClosed("the relay closed the connection during the handshake"),
+        )
+    except h11.RemoteProtocolError as exc:
+        raise RemoteProtocolError(f"bad HTTP answer from the relay: {exc}") from None
 
 
 def _refusal(status: int, body: bytes) -> SessionRefused:
@@ -218,6 +233,7 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "RAW_SUBPROTOCOL",
+    "Channel",
     "ChannelClosed",
     "RawChannel",
     "WebSocketChannel",

@@ -22,7 +22,8 @@ import trio_websocket
 
 from tunneld.errors import ProtocolError, RemoteProtocolError
 from tunneld.transport import contract
-from tunneld.transport.channel import ChannelClosed
+from tunneld.transport.channel import Channel, ChannelClosed
+from tunneld.transport.splice import STREAM_ERRORS
 from tunneld.wire import events as ev
 from tunneld.wire.flow import Pacer, TunerStatistics, WindowTuner
 from tunneld.wire.mux import Connection, Role
@@ -422,7 +423,7 @@ class MuxSession:
 
     def __init__(
         self,
-        ws: Any,
+        ws: Channel,
         conn: Connection,
         *,
         session_id: str = "",
@@ -543,6 +544,13 @@ class MuxSession:
         """Queue a control event (GOAWAY, BAN, PING...) for the writer."""
         self._send(event)
 
+    def goaway(self, code: int, reason: str) -> None:
+        """Queue GOAWAY: the peer opens no new streams here, the open ones finish.
+
+        Never raises: on a session already closed, or one that sent its GOAWAY
+        already, there is nobody left to tell and it does nothing."""
+        self._send_quietly(ev.GoAway(code, reason[:GOAWAY_REASON]))
+
     async def ping(self) -> float:
         """Send PING and wait for its PONG (the caller bounds the wait); the RTT.
 
@@ -565,8 +573,13 @@ class MuxSession:
         frames), then one every RTT_PROBE_INTERVAL. Well under a peer's PING
         allowance (PROTOCOL.md 8)."""
         for i in range(1 << 62):  # bounded by the session's life
-            with trio.move_on_after(RTT_PROBE_TIMEOUT):
-                await self.ping()
+            try:
+                with trio.move_on_after(RTT_PROBE_TIMEOUT):
+                    await self.ping()
+            except (ProtocolError, trio.BrokenResourceError):
+                # The session is ending (a protocol error puts the connection in ERROR,
+                # where only GOAWAY may be sent): run() and the reader say why.
+                return
             await trio.sleep(RTT_PROBE_START if i < RTT_PROBES_AT_START else RTT_PROBE_INTERVAL)
 
     @property
@@ -780,9 +793,10 @@ class MuxSession:
         assert self._on_open is not None
         try:
             await self._on_open(served)
+        except STREAM_ERRORS as exc:  # the peer's doing, not a bug: one line
+            log.warning("stream %d from %s failed: %r", stream.stream_id, stream.client_ip, exc)
         except Exception as exc:  # one stream's failure must never end the session
-            log.error("stream %d from %s failed: %r", stream.stream_id, stream.client_ip, exc)
-            log.debug("stream failure", exc_info=True)
+            log.exception("stream %d from %s failed: %r", stream.stream_id, stream.client_ip, exc)
         finally:
             if served is not stream:  # attached: its data connection ends too
                 served.reset(ev.ResetCode.CANCEL)  # a no-op once the handler closed it

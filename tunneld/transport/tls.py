@@ -37,7 +37,8 @@ __all__ = ["SESSION_RECEIVE", "TLSStream"]
 
 RECEIVE_SIZE = 64 * 1024  # transport reads, unless `receive_size` says otherwise
 RECORD_HEADER = 5  # fewer bytes than this in the incoming BIO cannot be a record
-SESSION_RECEIVE = 256 * 1024  # a session's socket: big reads, few wakeups (DESIGN.md)
+# a session's socket: big reads, few wakeups (docs/ARCHITECTURE.md, the performance levers)
+SESSION_RECEIVE = 256 * 1024
 
 
 class TLSStream(trio.abc.Stream):

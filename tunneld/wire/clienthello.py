@@ -35,11 +35,12 @@ import enum
 import re
 from dataclasses import dataclass
 
+from tunneld.hostnames import hostname_key
+
 __all__ = [
     "MAX_CLIENT_HELLO",
     "ClientHello",
     "Status",
-    "normalize_hostname",
     "parse_client_hello",
     "unrecognized_name_alert",
 ]
@@ -70,7 +71,7 @@ _UNRECOGNIZED_NAME_ALERT = bytes([21, 3, 3, 0, 2, 2, 112])
 class ClientHello:
     """What routing and certificate choice need from a ClientHello."""
 
-    sni: str | None  # normalized (see normalize_hostname), ASCII A-label; None if absent
+    sni: str | None  # normalized (see tunneld.hostnames), ASCII A-label; None if absent
     alpn: tuple[str, ...]  # offered ALPN protocols, in the client's order
     length: int  # input bytes taken by the records holding the ClientHello
     tls_version: tuple[int, int]  # legacy version of the first record, informational
@@ -87,12 +88,6 @@ class Status(enum.Enum):
 
 class _Malformed(Exception):
     """Internal: the ClientHello body is invalid (never escapes this module)."""
-
-
-def normalize_hostname(name: str) -> str:
-    """Return `name` lower-cased without one trailing dot: the form hostnames compare in."""
-    name = name.lower()
-    return name[:-1] if name.endswith(".") else name
 
 
 def unrecognized_name_alert() -> bytes:
@@ -242,7 +237,7 @@ def _parse_server_name(ext: _Reader) -> str | None:
             continue
         if host is not None or _HOSTNAME_RE.fullmatch(name) is None:
             raise _Malformed
-        host = normalize_hostname(name.decode("ascii"))
+        host = hostname_key(name.decode("ascii"))
     return host
 
 

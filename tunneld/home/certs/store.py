@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import ssl
 import time
 from collections.abc import Mapping
@@ -31,9 +30,8 @@ from tunneld.pki import (
     PrivateKey,
     certificate_info,
     ensure_self_signed,
+    install_pair,
     read_private_key,
-    write_certificate,
-    write_private_key,
 )
 from tunneld.wire.clienthello import ClientHello
 
@@ -200,19 +198,7 @@ class CertificateStore:
         scratch files, then move them into place (key first: a crash in between leaves a
         mismatched pair, which `load` replaces by the bootstrap and the manager reorders).
         """
-        directory = self.cert_path.parent
-        new_key = directory / f".{self.key_path.name}.new"
-        new_cert = directory / f".{self.cert_path.name}.new"
-        try:
-            write_private_key(key, new_key)
-            write_certificate(fullchain_pem, new_cert)
-            loaded = self.read(new_cert, new_key)
-            os.replace(new_key, self.key_path)
-            os.replace(new_cert, self.cert_path)
-        finally:
-            new_key.unlink(missing_ok=True)
-            new_cert.unlink(missing_ok=True)
-        return loaded
+        return install_pair(key, fullchain_pem, self.key_path, self.cert_path, self.read)
 
     def activate(self, loaded: LoadedCertificate) -> None:
         """Serve `loaded` to every new stream from now on."""

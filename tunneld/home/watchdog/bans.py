@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,8 +33,8 @@ import trio
 
 from tunneld.config import IPNetwork
 from tunneld.errors import TunneldError
+from tunneld.files import atomic_write
 from tunneld.netaddr import normalize_ip
-from tunneld.pki import fsync_dir
 from tunneld.wire.events import BanEntry
 
 __all__ = [
@@ -239,36 +237,18 @@ class BanFile:
         """Replace the file atomically (the caller holds the lock)."""
         body = {"format": FORMAT, "bans": [r.to_file() for r in records]}
         data = json.dumps(body, indent=1).encode() + b"\n"
-        directory = self.path.parent
         try:
-            old: os.stat_result | None = os.stat(self.path)
-        except FileNotFoundError:
-            old = None
+            # A file already there keeps its owner and mode (an offline edit by root, say).
+            atomic_write(
+                self.path,
+                data,
+                mode=None,
+                keep_existing_mode=True,
+                temp_prefix=_TEMP_PREFIX,
+                temp_suffix=_TEMP_SUFFIX,
+            )
         except OSError as exc:
-            raise TunneldError(f"cannot stat {self.path}: {exc.strerror or exc}") from None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
-        except OSError as exc:
-            raise TunneldError(f"cannot write in {directory}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if old is not None:  # keep owner and mode (an offline edit by root, say)
-                    os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode))
-                    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                        os.fchown(fh.fileno(), old.st_uid, old.st_gid)
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise TunneldError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(directory)
 
     def remove_stale_temps(self) -> None:
         """Temp files left by a crash mid-write (the caller holds the lock)."""
