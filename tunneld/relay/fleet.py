@@ -431,7 +431,7 @@ class Fleet:
                     await self.call(self.store.put_bans, op[1], op[2])
                 elif op[0] == "revoke":
                     await self.call(self.store.revoke, op[1])
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any client error: Redis is away (logged)
                 self._lost(exc)
 
     async def _subscribe(self) -> None:
@@ -439,7 +439,7 @@ class Fleet:
             await self._reconnected.wait()
             try:
                 pubsub = await self.call(self.store.subscribe)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any client error: Redis is away (logged)
                 self._lost(exc)
                 continue
             try:
@@ -451,13 +451,13 @@ class Fleet:
                     message = await self.call(partial(pubsub.get_message, timeout=SUBSCRIBER_POLL))
                     if message is not None and message.get("type") == "message":
                         await self._on_message(message.get("data"))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any client error: Redis is away (logged)
                 self._lost(exc)
             finally:
                 with trio.CancelScope(shield=True):
                     try:
                         await self.call(pubsub.close)
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 - closing a subscription Redis already lost
                         pass
 
     # -- applying the fleet's state ---------------------------------------------------
