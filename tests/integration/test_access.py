@@ -71,9 +71,16 @@ def get(world: World, source: str) -> int:
 
 
 def refused_at_the_relay(world: World, source: str, reason: str) -> bool:
+    """True once `source` is cut at the relay, counted under `reason`, unseen by the
+    daemon; False while the relay does not refuse it yet (until the rules reach the
+    relay, the daemon resets such a stream itself)."""
     streams, before = home_streams(world), refusals(world, reason)
     if get(world, source) != 0:
         return False
+    try:  # the client may see its reset before the relay's task has counted it
+        wait_for(lambda: refusals(world, reason) > before, timeout=2, what=f"{reason}")
+    except AssertionError:
+        return False  # cut by the daemon, not yet by the relay
     assert refusals(world, reason) == before + 1
     assert home_streams(world) == streams  # the daemon never saw the client
     return True
