@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import trio
 from cryptography import x509
 
 from tunneld import __version__
@@ -38,8 +37,9 @@ from tunneld.doctor.probes import (
     is_lan_address,
     open_tcp,
     open_tls,
+    running_status,
 )
-from tunneld.errors import ConfigError, ControlError, TokenError
+from tunneld.errors import ConfigError, TokenError
 from tunneld.hostnames import hostname_key
 from tunneld.tokens import decode_claims_unverified
 from tunneld.transport.channel import RAW_SUBPROTOCOL
@@ -87,7 +87,7 @@ def check_home_setup(config: HomeConfig, resolver: Resolver, report: Report) -> 
     _token(config, skew, report)
     _session(config, relay, report)
     _dns(config, relay, resolver, report)
-    status = _daemon_status(config)
+    status = running_status(config.daemon.control_socket)
     _tunnel(config, relay, status, report)
     if _upstream(config, report):
         _forwarded(config, report)
@@ -422,20 +422,6 @@ def _dns(config: HomeConfig, relay: RelayProbe, resolver: Resolver, report: Repo
 
 
 # -- a request through the relay to this daemon ---------------------------------------------
-
-
-def _daemon_status(config: HomeConfig) -> dict[str, Any] | None | str:
-    """The running daemon's status, None when it does not run, or why it cannot be read."""
-    from tunneld.control import get_json
-    from tunneld.errors import NotRunningError
-
-    try:
-        status = trio.run(get_json, config.daemon.control_socket, "/v1/status")
-    except NotRunningError:
-        return None
-    except (ControlError, OSError) as exc:
-        return str(exc)
-    return status if isinstance(status, dict) else "a bad status answer"
 
 
 def _tunnel(

@@ -15,12 +15,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
 
 import h11
+import trio
 
+from tunneld.errors import ControlError, NotRunningError
 from tunneld.hostnames import hostname_key
 
 __all__ = [
+    "running_status",
     "HttpAnswer",
     "Resolver",
     "TlsPeer",
@@ -232,3 +237,17 @@ def describe(exc: BaseException) -> str:
 def colon(sha256: str) -> str:
     up = sha256.upper()
     return ":".join(up[i : i + 2] for i in range(0, len(up), 2))
+
+
+def running_status(control_socket: Path) -> dict[str, Any] | None | str:
+    """A running process's status from its control socket: None when it does not run,
+    or why it cannot be read."""
+    from tunneld.control import get_json
+
+    try:
+        status = trio.run(get_json, control_socket, "/v1/status")
+    except NotRunningError:
+        return None
+    except (ControlError, OSError) as exc:
+        return str(exc)
+    return status if isinstance(status, dict) else "a bad status answer"

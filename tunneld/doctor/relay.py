@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from tunneld.checks import relay_tls
 from tunneld.config import RelayConfig, format_listen
 from tunneld.doctor import Report
@@ -27,8 +25,9 @@ from tunneld.doctor.probes import (
     is_lan_address,
     open_tcp,
     open_tls,
+    running_status,
 )
-from tunneld.errors import ConfigError, ControlError, KeyFileError, NotRunningError
+from tunneld.errors import ConfigError, KeyFileError
 from tunneld.hostnames import hostname_key
 from tunneld.tokens import load_private_key, load_public_keys
 
@@ -42,7 +41,7 @@ def check_relay_setup(config: RelayConfig, resolver: Resolver, report: Report) -
     report.ok("config", f"{config.path} is a valid relay config")
     _keys(config, report)
     sha256 = _certificate(config, report)
-    status = _status(config)
+    status = running_status(config.relay.control_socket)
     ports = _listeners(config, status, report)
     _public(config, resolver, ports, sha256, report)
     del cfg
@@ -141,18 +140,6 @@ def _self_signed(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return cert.issuer == cert.subject
-
-
-def _status(config: RelayConfig) -> dict[str, Any] | None | str:
-    from tunneld.control import get_json
-
-    try:
-        status = trio.run(get_json, config.relay.control_socket, "/v1/status")
-    except NotRunningError:
-        return None
-    except (ControlError, OSError) as exc:
-        return str(exc)
-    return status if isinstance(status, dict) else "a bad status answer"
 
 
 def _local(host: str) -> str:
